@@ -1,0 +1,245 @@
+"""Typed training configuration: defaults defined once, unknown keys rejected, docs become --help.
+
+Each field's docstring (the string literal under it) is its help text; `field_docs()` reads them
+from this file's source so there is exactly one copy.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from .errors import QloraError
+
+QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
+OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text"]
+
+
+class ConfigError(QloraError, ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- model ----
+    model: Optional[str] = None
+    """Local HF directory, GGUF file, or hub name. Default: the embedded SmolLM2-135M-Instruct."""
+    quant_type: QuantType = "nf4"
+    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA)."""
+    double_quant: bool = True
+    """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
+    blocksize: int = 64
+    """Elements per absmax block of the 4-bit weights (32..4096)."""
+    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Dtype the frozen weights are dequantized to for matmuls."""
+    quantize_head: bool = False
+    """Also quantize the output head (the paper keeps it in 16 bits)."""
+    # ---- LoRA ----
+    lora_r: int = 64
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_targets: Literal["all", "attention"] = "all"
+    """Which linear layers get adapters: every linear layer (paper) or attention projections only."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r)."""
+    # ---- data ----
+    data: Optional[str] = None
+    """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""
+    data_format: DataFormat = "auto"
+    """Row shape: alpaca, guanaco, chat (messages), completion (prompt/completion), text; auto-detected."""
+    max_seq_len: int = 512
+    """Maximum tokens per example (source + target)."""
+    max_source_len: int = 384
+    """Maximum prompt tokens; longer prompts are truncated from the left and counted."""
+    max_target_len: int = 256
+    """Maximum response tokens; longer responses are truncated from the right and counted."""
+    train_on_source: bool = False
+    """Also compute loss on prompt tokens (default: targets only)."""
+    group_by_length: bool = True
+    """Batch examples of similar token count together (less padding)."""
+    val_fraction: float = 0.05
+    """Fraction of rows held out for validation loss (0 disables)."""
+    # ---- optimisation ----
+    max_steps: int = 200
+    """Optimizer steps to run."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (loss is token-weighted across them)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warmup (paper: constant)."""
+    warmup_ratio: float = 0.03
+    """Fraction of max_steps spent in linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping norm (paper: 0.3)."""
+    optimizer: OptimizerName = "paged_adamw"
+    """adamw (fp32 states), adamw_8bit, paged_adamw (paper default), paged_adamw_8bit."""
+    optimizer_memory_budget: Optional[str] = None
+    """RAM budget for resident optimizer state, e.g. 512MB; paged optimizers page the rest out."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    # ---- output, logging, checkpoints ----
+    output_dir: str = "runs/qlora"
+    """Where the adapter, metrics.jsonl, loss plot and checkpoints go."""
+    logging_steps: int = 5
+    """Log every N steps."""
+    eval_steps: int = 50
+    """Validation loss every N steps (0 disables)."""
+    save_steps: int = 100
+    """Write a full resumable checkpoint every N steps (0: only at the end)."""
+    save_total_limit: int = 2
+    """Keep the newest K checkpoints."""
+    resume: Optional[str] = None
+    """Resume from a checkpoint dir, or 'latest' (the newest good one in output_dir)."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss/gradient: stop the run, or skip that step."""
+    force: bool = False
+    """Start even if the memory preflight predicts the run will not fit."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+
+
+@functools.cache
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) from the class source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = node.value.value
+    return docs
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, key: str = "size") -> int:
+    """'512MB' / '1.5GiB' / '1000' -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"{key}: cannot read {text!r} as a size (examples: 512MB, 2GB, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def _coerce(key: str, value, tp):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def _types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig, include_extras=False)
+
+
+def build_config(overrides: dict, source: str = "config") -> TrainConfig:
+    """Validate keys and values and return a TrainConfig; errors name the key and suggest fixes."""
+    types = _types()
+    values = {}
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        if k not in types:
+            hint = difflib.get_close_matches(k, list(types), n=1)
+            raise ConfigError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        values[k] = _coerce(f"{source}: {k}", value, types[k])
+    cfg = TrainConfig(**values)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    positive = ["lora_r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "max_source_len",
+                "max_target_len", "logging_steps", "save_total_limit"]
+    for k in positive:
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{source}: {k} must be > 0, got {getattr(cfg, k)}")
+    for k in ("eval_steps", "save_steps", "threads", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{source}: {k} must be >= 0, got {getattr(cfg, k)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"{source}: lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(f"{source}: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"{source}: val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ConfigError(f"{source}: blocksize must be a power of two in 32..4096, got {cfg.blocksize}")
+    if cfg.optimizer_memory_budget is not None:
+        parse_size(cfg.optimizer_memory_budget, f"{source}: optimizer_memory_budget")
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping; errors name the file (and line for syntax errors)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

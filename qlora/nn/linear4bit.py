@@ -1,0 +1,103 @@
+"""Linear4bit: a frozen linear layer whose weight lives as 4-bit codes (QLoRA paper, eq. 5).
+
+    Y = X · doubleDequant(c1, c2, W_4bit)^T + b     computed in the compute dtype (bf16)
+
+The custom autograd function dequantizes in forward and *again* in backward, saves nothing but
+a reference to the module, and returns a gradient for the input only: the 4-bit weight is frozen,
+so no dequantized copy stays alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import quant
+from ..quant import QuantizedTensor
+
+
+class _Matmul4bit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit", bias: torch.Tensor | None):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # dL/dx = dL/dy · W   (W dequantized again: (out, in))
+        grad_x = grad_out @ ctx.layer.dequantized_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class Linear4bit(nn.Module):
+    """Frozen 4-bit linear layer. `weight` is a QuantizedTensor, not a Parameter."""
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype=torch.bfloat16):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight, got shape {tuple(qweight.shape)}")
+        self.weight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.register_parameter("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, quant_type="nf4", blocksize=64, double_quant=True,
+                    compute_dtype=torch.bfloat16, transpose=False) -> "Linear4bit":
+        """Quantize an nn.Linear (or a GPT-2 Conv1D with transpose=True: its weight is (in, out))."""
+        w = linear.weight.detach()
+        w = w.t().contiguous() if transpose else w
+        return cls(quant.quantize(w, quant_type, blocksize, double_quant), linear.bias, compute_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return quant.dequantize(self.weight, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = self.bias
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _Matmul4bit.apply(x, self, bias)
+        else:
+            y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quant_type={q.quant_type}, "
+                f"blocksize={q.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}")
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move the codes and scales too; dtype casts never touch them.
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.data.device))
+        if probe.device != self.weight.data.device:
+            self.weight = self.weight.to(probe.device)
+        return self
+
+    # bitsandbytes layout: weight, weight.absmax, weight.quant_map, [weight.nested_*],
+    # weight.quant_state.bitsandbytes__<type>, bias
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in quant.to_state_dict(self.weight, prefix + "weight").items():
+            destination[k] = v
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if not own:
+            missing_keys.append(prefix + "weight")
+        else:
+            q = quant.from_state_dict(own, prefix + "weight")
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: shape {tuple(q.shape)} != {(self.out_features, self.in_features)}")
+            else:
+                self.weight = q.to(self.weight.data.device)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
