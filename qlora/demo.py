@@ -1,0 +1,76 @@
+"""The built-in demo (`qlora train` with no arguments): generate a verifiable extraction task,
+score the embedded model on held-out rows, QLoRA-finetune it, score again.
+
+The model is loaded once: LoRA's B starts at zero, so the wrapped model at step 0 *is* the base
+model and the "before" score is measured on exactly what training starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, demo_task
+from .config import build_config
+from .train import fit, peak_rss_mb, setup
+
+# Settings for the demo where the user gave none (the paper's defaults target 7B+ models and long
+# runs; a 135M model on a 2-core CPU learns this task in minutes at a higher learning rate).
+DEMO_DEFAULTS = dict(
+    output_dir="runs/demo", max_steps=160, batch_size=8, lr=1e-3, max_seq_len=160, max_source_len=128,
+    max_target_len=64, val_fraction=0.02, eval_steps=40, save_steps=80, logging_steps=5,
+)
+N_TRAIN, N_TEST = 2000, 100
+
+
+@torch.no_grad()
+def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat", batch_size: int = 16,
+                         max_new_tokens: int = 64) -> tuple[float, list[dict]]:
+    """Greedy-decode each held-out prompt (rendered exactly as in training) and compare."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    results = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [data.prompt_and_reference(r, fmt, tokenizer)[0] for r in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row, seq in zip(chunk, out[:, width:]):
+            text = tokenizer.decode(seq, skip_special_tokens=True).strip()
+            ref = data.prompt_and_reference(row, fmt, tokenizer)[1]
+            results.append({"prediction": text, "reference": ref, "correct": demo_task.exact_match(text, ref)})
+    model.train()
+    return sum(r["correct"] for r in results) / max(len(results), 1), results
+
+
+def run_demo(user_values: dict) -> dict:
+    cfg = build_config({**DEMO_DEFAULTS, **user_values}, source="arguments")
+    out = Path(cfg.output_dir)
+    train_rows, test_rows = demo_task.make_demo_task(n_train=N_TRAIN, n_test=N_TEST, seed=cfg.seed)
+    data_dir = out / "demo_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train_rows), ("test", test_rows)):
+        with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    cfg.data = str(data_dir / "train.jsonl")
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    before, _ = exact_match_accuracy(run.model, run.tokenizer, test_rows)
+    print(f"held-out exact match before finetuning: {before:.1%} ({len(test_rows)} rows)")
+    t1 = time.perf_counter()
+    summary = fit(run)
+    train_s = time.perf_counter() - t1
+    after, results = exact_match_accuracy(run.model, run.tokenizer, test_rows)
+    print(f"held-out exact match after finetuning:  {after:.1%}  (training {train_s / 60:.1f} min)")
+    report = dict(summary, exact_match_before=before, exact_match_after=after, train_seconds=round(train_s, 1),
+                  total_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(peak_rss_mb(), 1),
+                  examples=results[:5])
+    (out / "demo_results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report

@@ -1,0 +1,308 @@
+"""train(cfg): QLoRA finetuning. Setup runs in the order written; one optimizer step reads top to
+bottom in `fit` (forward, token-weighted backward over accumulation, guard, clip, step, schedule,
+log, evaluate, checkpoint). No callbacks: to change the loop, change the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, checkpoint, data, hf
+from .config import TrainConfig, parse_size, to_dict
+from .errors import QloraError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup` before any output is written."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    train_set: list
+    val_set: list
+    device: torch.device
+    data_stats: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QloraError(f"device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
+    """Validate data, load (or take) the model, add LoRA. Writes nothing to disk."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    if cfg.data is None:
+        raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
+    rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
+    if model is None:
+        _preflight(cfg)
+        model, tokenizer = hf.load(
+            cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+            compute_dtype=DTYPES[cfg.compute_dtype], quantize_head=cfg.quantize_head, device=device,
+        )
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                targets=cfg.lora_targets, rslora=cfg.rslora)
+    model.to(device)
+    examples, stats = data.build_examples(
+        rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
+        max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data,
+    )
+    train_set, val_set = data.split_train_val(examples, cfg.val_fraction, cfg.seed)
+    if not train_set:
+        raise QloraError(f"{cfg.data}: no training examples left after the validation split")
+    print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
+    return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt))
+
+
+def _preflight(cfg: TrainConfig) -> None:
+    try:
+        from . import memory
+    except ImportError:
+        return
+    memory.preflight(cfg)
+
+
+# ---- loss ----
+
+
+def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens, and their count.
+
+    The head runs only on positions that have a target: prompt and padding positions never get
+    logits, and the fp32 upcast covers (targets × vocab), not (batch × length × vocab)."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = hidden[:, :-1][mask]  # (N, H)
+    logits = model.get_output_embeddings()(hidden).float()  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, labels[mask], reduction="sum"), int(mask.sum())
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ceil(warmup_ratio·max_steps) steps (step 0 already gets lr/warmup), then
+    constant (paper), linear or cosine decay to 0."""
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.lr_scheduler == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    if cfg.lr_scheduler == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float | None:
+    if not run.val_set:
+        return None
+    run.model.eval()
+    total, count = 0.0, 0
+    for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+        batch = _to_device(data.collate([run.val_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
+        s, n = loss_sum(run.model, batch)
+        total, count = total + float(s), count + n
+    run.model.train()
+    return total / max(count, 1)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the loop ----
+
+
+def fit(run: Run, progress: bool = True) -> dict:
+    """Run optimizer steps until cfg.max_steps; resumable; returns a summary dict."""
+    from tqdm import tqdm
+
+    from .optim import build_optimizer
+
+    cfg, model = run.cfg, run.model
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    budget = parse_size(cfg.optimizer_memory_budget) if cfg.optimizer_memory_budget else None
+    opt = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          memory_budget=budget, offload_dir=str(out / "optimizer_pages"))
+    lengths = [len(e["input_ids"]) for e in run.train_set]
+    step, epoch, cursor = 0, 0, 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume:
+        ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
+        state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
+        _check_compatible(state, cfg, ckpt)
+        _load_adapter_weights(model, ckpt)
+        opt.load_state(opt_tensors, state["optimizer"])
+        checkpoint.set_rng_state(rng_tensors, state["rng"])
+        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        _truncate_metrics(metrics_path, step)
+        print(f"resumed from {ckpt} at step {step}")
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run owns its metrics file
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batches = data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+    last_good = str(checkpoint.candidates(ckpt_root)[0]) if checkpoint.candidates(ckpt_root) else None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    t_log, tokens_log, losses, skipped = time.perf_counter(), 0, [], 0
+    with open(metrics_path, "a", encoding="utf-8") as log:
+        while step < cfg.max_steps:
+            # 1. collect this step's micro-batches (advancing epochs as needed)
+            micro = []
+            for _ in range(cfg.grad_accum):
+                if cursor == len(batches):
+                    epoch, cursor = epoch + 1, 0
+                    batches = data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+                micro.append(batches[cursor])
+                cursor += 1
+            # 2. forward/backward, loss weighted by target tokens across the accumulated batches
+            n_targets = sum(sum(sum(1 for t in run.train_set[i]["labels"][1:] if t != -100) for i in idx) for idx in micro)
+            step_loss = 0.0
+            for idx in micro:
+                batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
+                s, _ = loss_sum(model, batch)
+                (s / n_targets).backward()
+                step_loss += float(s) / n_targets
+                tokens_log += int(batch["attention_mask"].sum())
+            # 3. guard, clip, step
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                where = f"step {step + 1} (examples {sorted(i for idx in micro for i in idx)[:16]})"
+                if cfg.nan_policy == "stop":
+                    raise QloraError(f"non-finite loss/gradient at {where}; adapters not saved; "
+                                     f"last good checkpoint: {last_good or 'none'}")
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                print(f"skipped {where}: non-finite loss/gradient")
+            else:
+                opt.lr = lr_at(cfg, step)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            bar.update(1)
+            # 4. log, evaluate, checkpoint
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                dt = time.perf_counter() - t_log
+                rec = {"step": step, "loss": round(sum(losses) / len(losses), 6), "lr": opt.lr,
+                       "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens_log / dt, 1),
+                       "peak_rss_mb": round(peak_rss_mb(), 1)}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", rss=f"{rec['peak_rss_mb']:.0f}MB")
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                t_log, tokens_log, losses = time.perf_counter(), 0, []
+            if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.max_steps) and run.val_set:
+                val = validation_loss(run)
+                log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
+                log.flush()
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                last_good = str(checkpoint.save(ckpt_root, step, lambda d: hf.save_adapter(model, d, cfg.model), opt,
+                                                dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
+                                                     qlora_version=__version__), cfg.save_total_limit))
+    bar.close()
+    opt.close()
+    _publish_adapter(model, out, cfg)
+    _plot(metrics_path, out / "loss.png")
+    return {"steps": step, "skipped_steps": skipped, "output_dir": str(out), "checkpoint": last_good,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    old = state.get("config", {})
+    for key in ("model", "lora_r", "lora_targets", "quant_type", "optimizer", "batch_size", "grad_accum", "seed"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
+                             f"{key}={getattr(cfg, key)!r}; resume with the same settings")
+
+
+def _load_adapter_weights(model, ckpt: Path) -> None:
+    _, tensors = hf.read_adapter(str(ckpt))
+    expected = hf.adapter_state_dict(model)
+    if set(tensors) != set(expected):
+        raise QloraError(f"{ckpt}: adapter keys do not match this model (checkpoint from another model?)")
+    with torch.no_grad():
+        for key, t in expected.items():
+            if tensors[key].shape != t.shape:
+                raise QloraError(f"{ckpt}: '{key}' has shape {tuple(tensors[key].shape)}, model expects {tuple(t.shape)}")
+            t.copy_(tensors[key])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
+    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
+    for name, t in hf.adapter_state_dict(model).items():
+        if not torch.isfinite(t).all():
+            raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
+    tmp = out / f".adapter-tmp-{os.getpid()}"
+    hf.save_adapter(model, str(tmp), cfg.model)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(tmp / f, out / f)
+    tmp.rmdir()
+
+
+def _plot(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Load, finetune, save. For the built-in demo (no data), see qlora.demo.run."""
+    run = setup(cfg)
+    summary = fit(run, progress=progress)
+    summary["data"] = run.data_stats
+    return summary
