@@ -268,7 +268,6 @@ def adapter_config(net: nn.Module, base_model: str | None = None) -> dict:
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "use_rslora": lora["rslora"],
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
-        "qlora": {"quant": getattr(net, "qlora_quant", None)},
     }
 
 
@@ -278,7 +277,9 @@ def save_adapter(net: nn.Module, out_dir: str, base_model: str | None = None) ->
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file(adapter_state_dict(net), os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    # the base's 4-bit format travels in the safetensors header, keeping adapter_config.json pure PEFT
+    meta = {"format": "pt", "qlora_quant": json.dumps(getattr(net, "qlora_quant", None))}
+    save_file(adapter_state_dict(net), os.path.join(out_dir, "adapter_model.safetensors"), metadata=meta)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(net, base_model), f, indent=2)
 

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from qlora.nn import Linear4bit, LoRALinear
+
+
+def test_step0_equals_base_and_scaling():
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    layer = LoRALinear(base, r=8, alpha=16)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), base(x))
+    assert layer.scaling == 2.0
+    assert LoRALinear(base, r=16, alpha=16, rslora=True).scaling == 16 / math.sqrt(16)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    assert layer.lora_A.weight.abs().max() <= bound
+
+
+def test_only_lora_params_train():
+    base = torch.nn.Linear(32, 16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_forward_formula_and_gradients():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 32)
+    expected = base(x) + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_merge_is_inverse_of_wrapping(four_bit):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    base = Linear4bit.from_linear(lin, compute_dtype=torch.float32) if four_bit else lin
+    layer = LoRALinear(base, r=8, alpha=16)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    merged = layer.merge(torch.float32)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(merged, torch.nn.Linear) and not merged.weight.requires_grad
+
+
+def test_nested_adapters_merge():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    inner = LoRALinear(lin, r=2, alpha=2)
+    outer = LoRALinear(inner, r=2, alpha=4)
+    for layer in (inner, outer):
+        torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(outer.merge(torch.float32)(x), outer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(torch.nn.Linear(4, 4), r=0)
