@@ -1,0 +1,180 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora import hf
+from qlora.config import build_config
+from qlora.errors import QloraError
+from qlora.optim import build_optimizer
+from qlora.tiny import ARCHS
+from qlora.train import fit, loss_sum, lr_at, setup
+
+
+def _write_rows(path: Path, n: int = 40) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"Repeat {i * 7 % 100}.", "input": "", "output": f"{i * 7 % 100}"}) + "\n")
+    return str(path)
+
+
+def _cfg(tmp_path, model, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    base = dict(model=model, data=_write_rows(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "out"), max_steps=6,
+                batch_size=4, lora_r=4, logging_steps=1, save_steps=3, eval_steps=0, warmup_ratio=0.0, threads=1)
+    return build_config({**base, **kw})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_decreases_on_a_fixed_batch_and_only_lora_changes(tiny_dirs, arch):
+    from qlora import data
+
+    model, tok = hf.load(tiny_dirs[arch], lora=dict(r=8, alpha=16, dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    q_before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, hf.Linear4bit)}
+    rows = [{"prompt": "Say hello to the world", "completion": " hello world!"}] * 4
+    ex, _ = data.build_examples(rows, "completion", tok, 64, 32, 96)
+    batch = data.collate(ex, tok.pad_token_id)
+    opt = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], "adamw", lr=1e-2)
+    losses = []
+    for _ in range(8):
+        s, n = loss_sum(model, batch)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(s.item() / n)
+    assert losses[-1] < losses[0] * 0.9 and min(losses[4:]) < min(losses[:4]), losses
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    for n, m in model.named_modules():
+        if isinstance(m, hf.Linear4bit):
+            assert torch.equal(m.weight.data, q_before[n])
+
+
+def test_loss_sum_matches_transformers_loss(tiny_llama):
+    from qlora import data
+
+    model, tok = hf.load(tiny_llama, quant_type="bf16", compute_dtype=torch.float32)
+    rows = [{"prompt": "ab", "completion": "cdef"}, {"prompt": "xyz12", "completion": "q"}]
+    ex, _ = data.build_examples(rows, "completion", tok, 64, 32, 96)
+    batch = data.collate(ex, tok.pad_token_id)
+    s, n = loss_sum(model, batch)
+    ref = model(**batch).loss  # HF: mean over target tokens
+    torch.testing.assert_close(s / n, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule():
+    cfg = build_config({"max_steps": 100, "warmup_ratio": 0.03, "lr": 1e-3})
+    assert [lr_at(cfg, s) for s in (0, 1, 2, 3, 99)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+    cos = build_config({"max_steps": 10, "warmup_ratio": 0.0, "lr": 1.0, "lr_scheduler": "cosine"})
+    assert lr_at(cos, 0) == 1.0 and lr_at(cos, 5) == pytest.approx(0.5)
+    lin = build_config({"max_steps": 10, "warmup_ratio": 0.0, "lr": 1.0, "lr_scheduler": "linear"})
+    assert lr_at(lin, 5) == pytest.approx(0.5)
+
+
+def test_accumulation_is_token_weighted(tiny_llama, tmp_path):
+    a = fit(setup(_cfg(tmp_path / "a", tiny_llama, batch_size=4, grad_accum=1, max_steps=1, group_by_length=False,
+                       optimizer="adamw", lora_dropout=0.0)), progress=False)
+    b = fit(setup(_cfg(tmp_path / "b", tiny_llama, batch_size=2, grad_accum=2, max_steps=1, group_by_length=False,
+                       optimizer="adamw", lora_dropout=0.0)), progress=False)
+    la = json.loads((Path(a["output_dir"]) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    lb = json.loads((Path(b["output_dir"]) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
+def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer):
+    from safetensors.torch import load_file
+
+    full = fit(setup(_cfg(tmp_path / "full", tiny_llama, optimizer=optimizer)), progress=False)
+    part_cfg = _cfg(tmp_path / "part", tiny_llama, optimizer=optimizer, max_steps=3)
+    fit(setup(part_cfg), progress=False)
+    resumed = fit(setup(_cfg(tmp_path / "part", tiny_llama, optimizer=optimizer, resume="latest")), progress=False)
+    read = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert read(full["output_dir"]) == read(resumed["output_dir"])
+    a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed["output_dir"]) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_pruned_and_latest(tiny_llama, tmp_path):
+    out = fit(setup(_cfg(tmp_path, tiny_llama, max_steps=7, save_steps=2, save_total_limit=2)), progress=False)
+    root = Path(out["output_dir"]) / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000006", "step-000007"]
+    assert json.loads((root / "latest").read_text()) == {"checkpoint": "step-000007"}
+    state = json.loads((root / "step-000007" / "trainer_state.json").read_text())
+    assert state["step"] == 7 and state["config"]["lora_r"] == 4 and "qlora_version" in state
+
+
+def test_nan_guard_stops_and_keeps_previous_adapter(tiny_llama, tmp_path):
+    run = setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=1))
+    fit(run, progress=False)
+    good = (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes()
+    run2 = setup(_cfg(tmp_path, tiny_llama, max_steps=4, save_steps=1, resume="latest"))
+    layer = next(iter(hf.lora_layers(run2.model).values()))
+    # poison the weights at the first forward of the resumed run (after the checkpoint is loaded)
+    def poison(mod, args):
+        mod.lora_A.weight.data.fill_(float("nan"))
+
+    layer.register_forward_pre_hook(poison)
+    with pytest.raises(QloraError, match=r"non-finite loss/gradient at step 3 \(examples \[.*\]\).*last good checkpoint: .*step-000002"):
+        fit(run2, progress=False)
+    assert (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes() == good
+
+
+def test_nan_policy_skip(tiny_llama, tmp_path):
+    run = setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=0, nan_policy="skip"))
+    layer = next(iter(hf.lora_layers(run.model).values()))
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("inf"))
+    with pytest.raises(QloraError, match="not finite; the final adapter was not written"):
+        fit(run, progress=False)
+    assert not (Path(run.cfg.output_dir) / "adapter_model.safetensors").exists()
+
+
+def test_resume_refuses_corrupt_checkpoint_and_names_previous(tiny_llama, tmp_path):
+    fit(setup(_cfg(tmp_path, tiny_llama, max_steps=4, save_steps=2)), progress=False)
+    root = Path(tmp_path / "out" / "checkpoints")
+    with open(root / "step-000004" / "optimizer.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    with pytest.raises(QloraError, match=r"does not match its manifest.*previous good checkpoint is .*step-000002"):
+        fit(setup(_cfg(tmp_path, tiny_llama, max_steps=6, resume="latest")), progress=False)
+
+
+def test_resume_refuses_other_settings(tiny_llama, tmp_path):
+    fit(setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=2)), progress=False)
+    with pytest.raises(QloraError, match="lora_r=4"):
+        fit(setup(_cfg(tmp_path, tiny_llama, max_steps=4, lora_r=8, resume="latest")), progress=False)
+
+
+def test_cli_end_to_end(tiny_llama, tmp_path):
+    data = _write_rows(tmp_path / "rows.jsonl")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "qlora", "train", "--model", tiny_llama, "--data", data, "--output-dir",
+                        str(out), "--max-steps", "3", "--batch-size", "2", "--lora-r", "4", "--logging-steps", "1",
+                        "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in recs if "loss" in r)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--data", "/nonexistent/x.jsonl"], "x.jsonl"),
+    (["--lora-rank", "4"], "unrecognized arguments"),
+    (["--max-steps", "-3"], "max_steps must be > 0"),
+])
+def test_cli_bad_input_one_line_nonzero_exit_nothing_written(tiny_llama, tmp_path, args, match):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "qlora", "train", "--model", tiny_llama, "--output-dir", str(out),
+                        "--data", _write_rows(tmp_path / "ok.jsonl")] + args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert match in r.stderr
+    assert not out.exists()
