@@ -28,7 +28,7 @@ N_TRAIN, N_TEST = 2000, 100
 
 @torch.no_grad()
 def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat", batch_size: int = 16,
-                         max_new_tokens: int = 64) -> tuple[float, list[dict]]:
+                         max_new_tokens: int = 40) -> tuple[float, list[dict]]:
     """Greedy-decode each held-out prompt (rendered exactly as in training) and compare."""
     model.eval()
     pad = tokenizer.pad_token_id
