@@ -1,0 +1,11 @@
+"""Optimizers: AdamW maths as one pure function; fp32/8-bit state and resident/paged storage
+are policies around it. Imports torch only.
+
+Public API: `build_optimizer(named_params, name, lr, ...)` -> `AdamW` with step(), zero_grad(),
+settable .lr, state_tensors()/meta()/load_state() for checkpoints, stats() and close().
+"""
+
+from .adamw import adamw_update
+from .optimizer import KINDS, AdamW, build_optimizer
+
+__all__ = ["KINDS", "AdamW", "adamw_update", "build_optimizer"]
