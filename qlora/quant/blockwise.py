@@ -156,7 +156,9 @@ def quantize_8bit_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     v = (padded * inv[:, None]).clamp_(-1.0, 1.0)
-    idx = ((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
+    # A subnormal absmax makes 1/absmax inf and 0 * inf NaN: bitsandbytes' CPU kernel then
+    # gives bin 0 (code 0), so NaN maps to bin 0 here (casting NaN to int is undefined).
+    idx = ((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).nan_to_num_(0.0).to(torch.int32)
     q = lut8(code)[idx.long()]
     q[absmax == 0] = 0
     return q.reshape(-1)[:n].reshape(x.shape), absmax

@@ -60,8 +60,9 @@ def _code4_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code4(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 table of a 4-bit data type (index = 4-bit code)."""
-    return _code4_cpu(quant_type).to(device)
+    """The 16-entry fp32 table of a 4-bit data type (index = 4-bit code). A fresh copy: a caller
+    that edits its tensor in place (state dicts are mutable) must not change the format."""
+    return _code4_cpu(quant_type).to(device, copy=True)
 
 
 def derive_nf4(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -101,4 +102,4 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
 def dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry 8-bit dynamic map (sorted). Signed: Double Quantization and Adam's first
     moment; unsigned: Adam's second moment."""
-    return _dynamic_map_cpu(signed).to(device)
+    return _dynamic_map_cpu(signed).to(device, copy=True)  # a fresh copy, as code4()

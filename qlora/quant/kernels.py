@@ -1,28 +1,72 @@
 """The one place that picks an implementation for each quantized op.
 
 `blockwise.py` is the definition; a fast kernel may replace an op here only if it is tested bit
-for bit against the reference (tests/quant/test_kernels.py). Set QLORA_REFERENCE_KERNELS=1 to force
-the reference everywhere (debugging, and the parity tests themselves).
+for bit against the reference (tests/quant/test_kernels.py). CPU tensors go to the compiled
+SIMD kernels of fast.py (built on first use; the reference if they cannot be built); other
+devices use the reference. Set QLORA_REFERENCE_KERNELS=1 to force the reference everywhere
+(debugging, and the parity tests themselves).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import blockwise as ref
+from . import fast
+
+# (nested_absmax fp32, nested_code fp32[256], offset fp32 scalar, nested_blocksize)
+Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+def _fast(*tensors: torch.Tensor) -> fast.CpuKernels | None:
+    if os.environ.get("QLORA_REFERENCE_KERNELS", "0") not in ("", "0"):
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return fast.kernels()
 
 
 def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int):
-    return ref.quantize_4bit_ref(w, quant_type, blocksize)
+    """-> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])"""
+    k = _fast(w)
+    return k.quantize_4bit(w, quant_type, blocksize) if k else ref.quantize_4bit_ref(w, quant_type, blocksize)
 
 
-def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype) -> torch.Tensor:
-    return ref.dequantize_4bit_ref(packed, absmax, code, blocksize, shape, dtype)
+def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested: Nested | None = None) -> torch.Tensor:
+    """code[q] * block scale, shaped `shape`, as `dtype`. With `nested`, `absmax` holds the
+    Double-Quantized uint8 scales: scale = dequantize_8bit(absmax, nested_absmax, nested_code,
+    nested_blocksize) + offset, decoded per block inside the kernel on CPU (no temporaries)."""
+    k = _fast(packed, absmax) if dtype in ref.FLOAT_DTYPES else None
+    if k:
+        return k.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested)
+    return ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, shape, dtype)
+
+
+def dequantize_4bit_into(out: torch.Tensor, packed, absmax, code, blocksize, nested: Nested | None = None):
+    """`dequantize_4bit` into a preallocated tensor (its shape and dtype are the result's), for
+    layers that dequantize the same weight every step. Returns `out`."""
+    k = _fast(out, packed, absmax) if out.dtype in ref.FLOAT_DTYPES and out.is_contiguous() else None
+    if k:
+        return k.dequantize_4bit_into(out, packed, absmax, code, blocksize, nested)
+    return out.copy_(ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, out.shape, out.dtype))
+
+
+def _scales(absmax: torch.Tensor, nested: Nested | None) -> torch.Tensor:
+    if nested is None:
+        return absmax
+    nested_absmax, nested_code, offset, nested_blocksize = nested
+    return ref.dequantize_8bit_ref(absmax, nested_absmax, nested_code, nested_blocksize) + offset
 
 
 def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
-    return ref.quantize_8bit_ref(x, code, blocksize)
+    """-> (q uint8 shaped like x, absmax fp32 [blocks]); bitsandbytes' CPU semantics."""
+    k = _fast(x, code)
+    return k.quantize_8bit(x, code, blocksize) if k else ref.quantize_8bit_ref(x, code, blocksize)
 
 
 def dequantize_8bit(q, absmax, code, blocksize) -> torch.Tensor:
-    return ref.dequantize_8bit_ref(q, absmax, code, blocksize)
+    """-> fp32 shaped like q"""
+    k = _fast(q, absmax, code)
+    return k.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code, blocksize)

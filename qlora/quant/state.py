@@ -72,6 +72,10 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device))
     if double_quant:
         q.offset = absmax.mean()
+        if not bool(torch.isfinite(q.offset)):  # fp32 sum of block absmaxes overflowed
+            mean = absmax.double().mean().item()
+            raise ValueError(f"double quantization overflows float32: the block absmaxes average {mean:.3g}; "
+                             "quantize with double_quant=False or rescale the tensor")
         q.nested_code = dynamic_map(signed=True, device=w.device)
         q.absmax, q.nested_absmax = kernels.quantize_8bit(absmax - q.offset, q.nested_code, NESTED_BLOCKSIZE)
     return q
@@ -82,7 +86,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = dtype or q.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"cannot dequantize to {dtype}: use float32, float16 or bfloat16")
-    return kernels.dequantize_4bit(q.data, q.block_scales(), q.code, q.blocksize, q.shape, dtype)
+    # Double-quantized scales are decoded inside the kernel, block by block (no fp32 temporaries)
+    nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
+    return kernels.dequantize_4bit(q.data, q.absmax, q.code, q.blocksize, q.shape, dtype, nested)
 
 
 def bits_per_parameter(q: QuantizedTensor) -> float:

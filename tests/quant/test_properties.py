@@ -1,0 +1,83 @@
+"""Property tests: for any finite input, the dequantized error per element is at most half the
+largest codebook gap times the block's absmax; shapes and dtypes survive; quantizing the fp32
+dequantized tensor again reproduces the same scales and values.
+
+Inputs avoid block absmaxes below 2.9e-39: there 1/absmax overflows fp32 and, exactly as in
+bitsandbytes, the block's codes go to the extremes of the codebook (covered by the parity tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qlora
+from qlora.quant import QUANT_TYPES, code4
+
+from .helpers import assert_bits_equal
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+
+magnitudes = st.one_of(st.just(0.0), st.floats(1e-30, 1e30), st.floats(1e-3, 1e3))
+values = st.builds(lambda sign, m: sign * m, st.sampled_from([1.0, -1.0]), magnitudes)
+
+
+@st.composite
+def tensors(draw) -> torch.Tensor:
+    dtype = draw(st.sampled_from(DTYPES))
+    data = draw(st.lists(values, min_size=1, max_size=700))
+    rows = draw(st.sampled_from([d for d in (1, 2, 3, 5, 7) if len(data) % d == 0]))
+    fmax = torch.finfo(dtype).max
+    return torch.tensor(data, dtype=torch.float64).clamp(-fmax, fmax).reshape(rows, -1).to(dtype)
+
+
+def _half_largest_gap(quant_type: str) -> float:
+    code = code4(quant_type).sort().values
+    return float((code[1:] - code[:-1]).max()) / 2
+
+
+def _block_view(t: torch.Tensor, blocksize: int) -> torch.Tensor:
+    flat = t.reshape(-1).double()
+    pad = -flat.numel() % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+
+
+@SETTINGS
+@given(w=tensors(), quant_type=st.sampled_from(QUANT_TYPES), blocksize=st.sampled_from([32, 64, 128, 4096]),
+       double_quant=st.booleans())
+def test_error_is_at_most_half_the_largest_gap(w, quant_type, blocksize, double_quant):
+    q = qlora.quantize(w, quant_type, blocksize, double_quant)
+    x = _block_view(w, blocksize)
+    err = (_block_view(qlora.dequantize(q, torch.float32), blocksize) - x).abs()
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    stored = q.block_scales().double()[:, None]  # = absmax, up to Double Quantization's error
+    # scaling and the final product each round once in fp32 (2^-23 relative, with margin)
+    bound = _half_largest_gap(quant_type) * absmax + (stored - absmax).abs() + (absmax + stored) * 2.0**-21
+    assert bool((err <= bound).all()), f"worst excess {float((err - bound).max()):.3g}"
+
+
+@SETTINGS
+@given(w=tensors(), quant_type=st.sampled_from(QUANT_TYPES), double_quant=st.booleans(),
+       out_dtype=st.sampled_from(DTYPES))
+def test_shape_and_dtype_are_preserved(w, quant_type, double_quant, out_dtype):
+    q = qlora.quantize(w, quant_type, 64, double_quant)
+    assert qlora.dequantize(q).shape == w.shape and qlora.dequantize(q).dtype == w.dtype
+    assert qlora.dequantize(q, out_dtype).dtype == out_dtype
+    assert q.data.shape == ((w.numel() + 1) // 2, 1) and q.data.dtype == torch.uint8
+    assert q.absmax.numel() == math.ceil(w.numel() / 64)
+
+
+@SETTINGS
+@given(w=tensors(), quant_type=st.sampled_from(QUANT_TYPES), blocksize=st.sampled_from([32, 64, 256]))
+def test_requantizing_the_dequantized_tensor_is_a_fixed_point(w, quant_type, blocksize):
+    q = qlora.quantize(w, quant_type, blocksize, double_quant=False)
+    w1 = qlora.dequantize(q, torch.float32)
+    q2 = qlora.quantize(w1, quant_type, blocksize, double_quant=False)
+    assert_bits_equal(q2.absmax, q.absmax, "absmax")
+    # values, not codes: fp4/int4/fp4_e3m0 hold two codes for zero, and a value just above 0
+    # takes the upper one while 0.0 itself takes the lower one
+    assert_bits_equal(qlora.dequantize(q2, torch.float32), w1, "dequantized")
