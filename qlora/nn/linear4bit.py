@@ -14,19 +14,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quant
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, kernels
+from ..quant.state import NESTED_BLOCKSIZE
+
+# One scratch buffer per (dtype, device), sized to the largest weight seen: every layer dequantizes
+# into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
+# function saves no tensor), and it saves an allocation and its page faults per matmul.
+_SCRATCH: dict = {}
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    n = shape.numel()
+    buf = _SCRATCH.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
 
 
 class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "Linear4bit", bias: torch.Tensor | None):
         ctx.layer = layer
-        return F.linear(x, layer.dequantized_weight(x.dtype), bias)
+        return F.linear(x, layer.transient_weight(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         # dL/dx = dL/dy · W   (W dequantized again: (out, in))
-        grad_x = grad_out @ ctx.layer.dequantized_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ ctx.layer.transient_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
 
@@ -52,7 +66,15 @@ class Linear4bit(nn.Module):
         return cls(quant.quantize(w, quant_type, blocksize, double_quant), linear.bias, compute_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh dequantized copy (out, in) the caller may keep (merge, export)."""
         return quant.dequantize(self.weight, dtype or self.compute_dtype)
+
+    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in the shared scratch buffer: valid until the next layer's call."""
+        q = self.weight
+        nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
+        out = _scratch(q.shape, dtype, q.data.device)
+        return kernels.dequantize_4bit_into(out, q.data, q.absmax, q.code, q.blocksize, nested)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
@@ -61,7 +83,7 @@ class Linear4bit(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             y = _Matmul4bit.apply(x, self, bias)
         else:
-            y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+            y = F.linear(x, self.transient_weight(x.dtype), bias)
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
