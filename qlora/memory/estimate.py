@@ -1,0 +1,295 @@
+"""Peak memory of one QLoRA training step, by part, from the model's shape alone.
+
+Every count follows what the code stores: 4-bit weights as qlora.quant lays them out, optimizer
+pages as qlora.optim lays them out, and activations as what autograd saves in a transformers
+decoder wrapped by qlora.nn (checked tensor by tensor in tests/test_memory.py). The parts add up
+to the peak, which comes at the start of backward: every saved activation and the loss's vocab-wide
+tensors are alive together, gradients arrive as they go. Taking all of them at once over-counts by
+at most the LoRA gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import QloraError
+from ..quant.codebooks import QUANT_TYPES
+from ..quant.state import NESTED_BLOCKSIZE
+from .arch import Arch, LinearSpec, arch_from_config
+
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+ATTENTION = ("sdpa", "eager")
+# Resident memory of the runtime itself. cpu: measured here (Python 3.11, torch 2.13 CPU,
+# transformers 5.23): importing torch + transformers + the modeling code peaks at 399 MiB, and
+# `qlora train` on a tiny model (tokenizer, data, checkpoint, matplotlib's loss plot) at 466 MiB.
+# cuda: the CUDA context and cuBLAS workspace on the device, typically 300-600 MiB on
+# Ampere/Hopper (not measurable on this CPU-only machine).
+FRAMEWORK_OVERHEAD = {"cpu": 460 * 2**20, "cuda": 512 * 2**20}
+# A frozen 4-bit linear dequantizes its weight in forward and again in backward (qlora.nn.Linear4bit):
+# one compute-dtype copy of the largest linear in flight, two where a backward overlaps the next.
+DEQUANT_COPIES = 2
+# Loading: transformers dequantizes a whole GGUF file to fp32 arrays and builds the 16-bit model
+# from them before qlora quantizes it (qlora.hf._load_whole); safetensors checkpoints stream in one
+# tensor at a time (qlora.hf._load_streaming), the largest one as file pages and a 16-bit copy.
+LOAD_BYTES_PER_PARAM_GGUF = 4  # + the compute dtype
+# The loss upcasts target-position logits to fp32 (4 bytes/vocab entry); cross-entropy saves its
+# fp32 log-softmax (4); backward holds that, the incoming gradient and the result at once (4 + 4 + 4).
+LOSS_BYTES_PER_VOCAB = 12
+
+
+@dataclass(frozen=True)
+class Settings:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    quantize_head: bool = False
+    lora_r: int = 64
+    lora_targets: str = "all"
+    lora_dropout: float = 0.05
+    lora_dtype: str = "float32"
+    batch_size: int = 1
+    seq_len: int = 512
+    target_tokens: int | None = None  # per sequence; None = every position is a target
+    gradient_checkpointing: bool = False
+    optimizer: str = "paged_adamw"
+    optimizer_memory_budget: int | None = None
+    compute_dtype: str = "bfloat16"
+    attention: str = "sdpa"
+    device: str = "cpu"
+
+    def check(self) -> "Settings":
+        choices = {"quant_type": (*QUANT_TYPES, "bf16"), "lora_targets": ("all", "attention"), "optimizer": OPTIMIZERS,
+                   "compute_dtype": tuple(BYTES), "lora_dtype": tuple(BYTES), "attention": ATTENTION,
+                   "device": ("cpu", "cuda")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise QloraError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("blocksize", "lora_r", "batch_size", "seq_len"):
+            if not getattr(self, key) > 0:
+                raise QloraError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise QloraError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.optimizer_memory_budget is not None and not self.optimizer.startswith("paged_"):
+            raise QloraError(f"optimizer_memory_budget applies to paged optimizers only; "
+                             f"use paged_{self.optimizer} or drop it")
+        return self
+
+    @property
+    def c(self) -> int:  # bytes per element of the compute dtype
+        return BYTES[self.compute_dtype]
+
+    @property
+    def targets_per_seq(self) -> int:
+        return self.seq_len if self.target_tokens is None else min(self.target_tokens, self.seq_len)
+
+
+@dataclass
+class Breakdown:
+    """Bytes per part of the peak; `total` is their sum (paged-out optimizer state excluded)."""
+
+    weights_4bit: int  # codes + block scales (+ nested scales) of every quantized linear
+    weights_16bit: int  # embeddings, head, norms, biases (+ the linears when quant_type="bf16")
+    lora_weights: int
+    lora_grads: int
+    optimizer_states: int  # resident part
+    activations: int  # saved for backward, with the checkpointing setting chosen
+    logits: int  # the loss's vocab-wide fp32 tensors
+    dequant_workspace: int
+    framework_overhead: int
+    optimizer_paged_out: int = 0  # not resident: backing file (CPU) or pinned host memory (CUDA)
+    optimizer_largest_page: int = 0  # one parameter's state: the least a paged optimizer keeps resident
+    load_peak: int = 0  # while loading the weights, before training; not part of `total`
+    activations_without_checkpointing: int = 0
+    activations_with_checkpointing: int = 0
+    weights_4bit_codes: int = 0
+    weights_4bit_scales: int = 0
+    n_params: int = 0
+    n_quantized_params: int = 0
+    n_lora_params: int = 0
+    model: str = ""
+    source_format: str = ""  # "gguf" for GGUF files (loaded whole), "" for configs / safetensors
+    settings: dict = field(default_factory=dict)
+
+    COUNTED = ("weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer_states",
+               "activations", "logits", "dequant_workspace", "framework_overhead")
+
+    @property
+    def total(self) -> int:
+        """Peak of a training step."""
+        return sum(getattr(self, k) for k in self.COUNTED)
+
+    @property
+    def peak(self) -> int:
+        """Peak of the whole run: loading or training, whichever is higher."""
+        return max(self.total, self.load_peak)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "peak": self.peak}
+
+    def table(self) -> str:
+        from .report import breakdown_table
+
+        return breakdown_table(self)
+
+
+def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
+    """(codes, scales) bytes of one tensor as qlora.quant stores it (QuantizedTensor.nbytes):
+    two codes per byte; an fp32 absmax per block, or with Double Quantization a uint8 absmax per
+    block + an fp32 scale per 256 blocks + one fp32 offset."""
+    codes = (numel + 1) // 2
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return codes, 4 * blocks
+    return codes, blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+
+def _lora_specs(arch: Arch, s: Settings) -> list[LinearSpec]:
+    from ..hf import ATTENTION_NAMES  # the trainer's own rule for lora_targets="attention"
+
+    specs = arch.linears()
+    if s.lora_targets == "attention":
+        specs = tuple(x for x in specs if x.name.rsplit(".", 1)[-1] in ATTENTION_NAMES)
+    return list(specs)
+
+
+def _weights(arch: Arch, s: Settings) -> tuple[int, int, int, int]:
+    """(4-bit codes, 4-bit scales, 16-bit bytes, quantized params)."""
+    sizes = [x.in_features * x.out_features for x in arch.linears()] * arch.layers
+    head = 0 if arch.tied else arch.vocab * arch.hidden
+    other = arch.other_params()
+    if s.quantize_head and head:
+        sizes.append(head)
+        other -= head
+    if s.quant_type == "bf16":
+        return 0, 0, s.c * (other + sum(sizes)), 0
+    codes = scales = 0
+    for n in sizes:
+        cb, sb = quantized_bytes(n, s.blocksize, s.double_quant)
+        codes, scales = codes + cb, scales + sb
+    return codes, scales, s.c * other, sum(sizes)
+
+
+def _optimizer_pages(shapes: list[tuple[int, int]], kind: str) -> list[int]:
+    """Bytes of each parameter's state page, laid out by the optimizer itself (one source of truth)."""
+    from ..optim.state import StateLayout
+
+    eight_bit = kind.endswith("8bit")
+    sizes = {shape: StateLayout.build("p", shape, eight_bit).nbytes for shape in set(shapes)}
+    return [sizes[shape] for shape in shapes]
+
+
+def _attention_bytes(arch: Arch, s: Settings) -> int:
+    """Per token per layer. SDPA (flash / memory-efficient kernels) saves q, k, v, the output and
+    an fp32 logsumexp per head; with grouped-query attention k and v are repeated to all heads (a
+    free view for a single kv head) and the padding mask row is saved whenever a batch has padding
+    (counted always). Eager saves q, k, v and the fp32 softmax plus its
+    compute-dtype copy (T scores per head). GPT-2 keeps its softmax in the compute dtype and drops
+    out attention probabilities in training (noise and result saved); on CPU, SDPA with dropout
+    falls back to the math path, which saves all of that in fp32."""
+    c, q, T = s.c, arch.heads * arch.head_dim, s.seq_len
+    if arch.gpt2_style:
+        scores = 3 if arch.dropout > 0 else 1  # softmax output (+ dropout noise and result)
+        if s.attention == "eager":
+            return 3 * c * q + scores * c * arch.heads * T
+        if arch.dropout > 0 and s.device == "cpu":
+            return 3 * 4 * q + scores * 4 * arch.heads * T
+    elif s.attention == "eager":
+        return 3 * c * q + (4 + c) * arch.heads * T
+    kv = (arch.heads if arch.kv_heads > 1 else 1) * arch.head_dim
+    return 2 * c * q + 2 * c * kv + 4 * arch.heads + c * T
+
+
+def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
+    """(per token, per layer fixed) saved by LoRALinear: y = base(x) + s·B(A(dropout(x))) computed
+    in the activation dtype. Dropout saves its noise (compute dtype on CPU, a bool mask on CUDA) and
+    A saves each dropped input; without dropout, linears reading the same tensor save it once (the
+    attention output is SDPA's saved output). B saves A's r outputs. A and B are cast to the
+    compute dtype once per forward and the casts are saved."""
+    specs, c, r = _lora_specs(arch, s), s.c, s.lora_r
+    if s.lora_dropout > 0:
+        mask = c if s.device == "cpu" else 1
+        per_token = sum((c + mask) * x.in_features for x in specs)
+    else:
+        inputs = {x.group: x.in_features for x in specs}
+        if s.attention == "sdpa" and not arch.gpt2_style:
+            inputs.pop("attn_out", None)
+        per_token = c * sum(inputs.values())
+    per_token += c * r * len(specs)
+    casts = 0 if s.lora_dtype == s.compute_dtype else c * r * sum(x.in_features + x.out_features for x in specs)
+    return per_token, casts
+
+
+def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
+    """(per token, per layer fixed): what autograd keeps for one decoder block (module docstring)."""
+    c, h, i = s.c, arch.hidden, arch.intermediate
+    if arch.gpt2_style:  # LayerNorm saves its input, mean and rstd; gelu_new saves 4 tensors
+        norms = 2 * (c * h + 2 * c)
+        mlp = 4 * c * i + (2 * c * h if arch.dropout > 0 else 0)  # + residual dropout noise
+    else:  # RMSNorm saves an fp32 copy of its input + fp32 rsqrt; gated MLP: gate, act(gate), up
+        norms = arch.norms_per_layer * (4 * h + 4)
+        if arch.qk_norm:
+            norms += 4 * (arch.heads + arch.kv_heads) * (arch.head_dim + 1)
+        mlp = 3 * c * i
+    lora, fixed = _lora_activation_bytes(arch, s)
+    if arch.gemma_norm:  # each norm saves its fp32 (1 + w)
+        fixed += 4 * (arch.norms_per_layer * h + (2 * arch.head_dim if arch.qk_norm else 0))
+    return norms + _attention_bytes(arch, s) + mlp + lora, fixed
+
+
+def _activations(arch: Arch, s: Settings) -> tuple[int, int]:
+    """(without, with) gradient checkpointing. With it, each block keeps only its input and one
+    block is recomputed at a time during backward."""
+    tokens = s.batch_size * s.seq_len
+    per_token, fixed = layer_activation_bytes(arch, s)
+    layer = per_token * tokens + fixed
+    final_norm = (4 * arch.hidden + 4) * tokens
+    without = arch.layers * layer + final_norm
+    with_ckpt = arch.layers * s.c * arch.hidden * tokens + layer + final_norm
+    return without, with_ckpt
+
+
+def _load_peak(arch: Arch, s: Settings, weights: int, overhead: int, source_format: str | None) -> int:
+    if source_format == "gguf":
+        return overhead + arch.n_params() * (LOAD_BYTES_PER_PARAM_GGUF + s.c)
+    largest = max([x.in_features * x.out_features for x in arch.linears()] + [arch.vocab * arch.hidden])
+    return overhead + weights + largest * (4 + s.c)
+
+
+def estimate(model_config: dict, **settings) -> Breakdown:
+    """Peak training memory for `model_config` (an HF config.json dict). Keywords: the fields of
+    `Settings` (quant_type "bf16" = plain 16-bit LoRA; optimizer_memory_budget in bytes caps the
+    resident state of paged optimizers; target_tokens = targets per sequence for the loss)."""
+    if "device" in settings:
+        settings["device"] = str(settings["device"]).split(":")[0]
+    try:
+        s = Settings(**settings).check()
+    except TypeError as e:
+        raise QloraError(f"estimate: {e}") from None
+    arch = arch_from_config(model_config, str(model_config.get("_name", "model config")))
+    codes, scales, w16, n_quant = _weights(arch, s)
+    specs = _lora_specs(arch, s)
+    shapes = [shape for x in specs for shape in ((s.lora_r, x.in_features), (x.out_features, s.lora_r))] * arch.layers
+    n_lora = sum(a * b for a, b in shapes)
+    pages = _optimizer_pages(shapes, s.optimizer)
+    opt_total = sum(pages)
+    resident = opt_total if s.optimizer_memory_budget is None else min(opt_total, s.optimizer_memory_budget)
+    without, with_ckpt = _activations(arch, s)
+    largest = max([x.in_features * x.out_features for x in arch.linears()]
+                  + ([arch.vocab * arch.hidden] if s.quantize_head and not arch.tied else []))
+    overhead = FRAMEWORK_OVERHEAD[s.device]
+    return Breakdown(
+        weights_4bit=codes + scales, weights_16bit=w16,
+        lora_weights=n_lora * BYTES[s.lora_dtype], lora_grads=n_lora * BYTES[s.lora_dtype],
+        optimizer_states=resident, optimizer_paged_out=opt_total - resident, optimizer_largest_page=max(pages),
+        activations=with_ckpt if s.gradient_checkpointing else without,
+        activations_without_checkpointing=without, activations_with_checkpointing=with_ckpt,
+        logits=LOSS_BYTES_PER_VOCAB * arch.vocab * s.batch_size * s.targets_per_seq,
+        dequant_workspace=0 if s.quant_type == "bf16" else DEQUANT_COPIES * s.c * largest,
+        framework_overhead=overhead,
+        load_peak=_load_peak(arch, s, codes + scales + w16, overhead, model_config.get("_format")),
+        weights_4bit_codes=codes, weights_4bit_scales=scales, n_params=arch.n_params(),
+        n_quantized_params=n_quant, n_lora_params=n_lora,
+        model=str(model_config.get("_name") or model_config.get("_name_or_path") or arch.model_type),
+        source_format=str(model_config.get("_format") or ""), settings=asdict(s),
+    )
