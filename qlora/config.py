@@ -117,6 +117,8 @@ class TrainConfig:
     """cpu, cuda, or auto."""
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
+    nproc: int = 1
+    """Data-parallel processes on this machine, each holding the 4-bit model (torchrun; 1 = single process)."""
 
 
 @functools.cache
@@ -198,7 +200,7 @@ def build_config(overrides: dict, source: str = "config") -> TrainConfig:
 
 def validate(cfg: TrainConfig, source: str = "config") -> None:
     positive = ["lora_r", "max_steps", "batch_size", "grad_accum", "max_seq_len", "max_source_len",
-                "max_target_len", "logging_steps", "save_total_limit"]
+                "max_target_len", "logging_steps", "save_total_limit", "nproc"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{source}: {k} must be > 0, got {getattr(cfg, k)}")

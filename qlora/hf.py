@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import safetensors_reader
 from .errors import QloraError
 from .nn import Linear4bit, LoRALinear
 
@@ -87,7 +88,8 @@ def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool =
         if quant:
             quantize_model(net, compute_dtype=compute_dtype, quantize_head=quantize_head, **quant)
     net.qlora_source = model or DEFAULT_MODEL
-    net.qlora_quant = dict(quant or {"quant_type": "bf16"})
+    if not hasattr(net, "qlora_quant"):  # set by the loader when the checkpoint was already 4-bit
+        net.qlora_quant = dict(quant or {"quant_type": "bf16"})
     for path in adapters:
         load_adapter(net, path)
     if lora:
@@ -135,28 +137,42 @@ def _params_on_meta():
         nn.Module.register_parameter = original
 
 
+_BNB_MARKER = ".quant_state.bitsandbytes__"  # key suffix of a 4-bit weight saved in bitsandbytes' layout
+
+
 def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quantize_head: bool):
-    from safetensors import safe_open
+    """Build the model with parameters on meta, then fill it from the safetensors shards: a 16-bit
+    checkpoint is read one tensor at a time and each linear weight quantized as it arrives (peak:
+    the 4-bit model + one tensor); a checkpoint already in bitsandbytes' 4-bit layout is memory-mapped
+    and its codes used as they are (its own quant settings win over `quant`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
+    shards = sorted(Path(directory).glob("*.safetensors"))
+    prequantized = any(_BNB_MARKER in key for shard in shards for key in safetensors_reader.read_header(shard)[0])
+    if prequantized and hasattr(config, "quantization_config"):
+        del config.quantization_config  # we place the 4-bit layers ourselves; transformers must not
     with _params_on_meta():
         net = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    targets = set(linear_names(net, include_head=quantize_head)) if quant else set()
     expected = set(net.state_dict().keys())
     prefix = getattr(net, "base_model_prefix", "")
-    loaded = set()
-    for shard in sorted(Path(directory).glob("*.safetensors")):
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    name = key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
-                    if name is None:
-                        continue
-                    _place(net, name, f.get_tensor(key), dtype, targets, quant)
-                    loaded.add(name)
-        except (OSError, RuntimeError) as e:
-            raise QloraError(f"{shard}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+
+    def model_key(key: str) -> str | None:  # checkpoints may omit the base model prefix
+        return key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
+
+    if prequantized:
+        _place_prequantized(net, shards, dtype, model_key)
+    else:
+        targets = set(linear_names(net, include_head=quantize_head)) if quant else set()
+
+        def map_if(key: str, file_dtype: torch.dtype) -> bool:  # kept as stored: map it, read nothing now
+            name = model_key(key)
+            return (name is not None and name.rpartition(".")[0] not in targets
+                    and (file_dtype == dtype or not file_dtype.is_floating_point))
+
+        for key, tensor, mapped in safetensors_reader.iter_tensors(shards, map_if):
+            if (name := model_key(key)) is not None:
+                _place(net, name, tensor, dtype, targets, quant, copy=not mapped)
     net.tie_weights()
     missing = [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
@@ -164,25 +180,83 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quan
     return net.eval()
 
 
-def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set, quant: dict | None) -> None:
+def _place_prequantized(net: nn.Module, shards: list[Path], dtype: torch.dtype, model_key) -> None:
+    """Linear4bit from each bitsandbytes-layout weight (no dequantize/re-quantize round trip). Every
+    tensor stays a view of the memory-mapped files, paged in when first used (16-bit ones are
+    copied only where the compute dtype differs)."""
+    from safetensors import safe_open
+
+    from . import quant
+
+    sd, origin = {}, {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:  # views keep the mapping alive after close
+            for key in f.keys():
+                sd[key], origin[key] = f.get_tensor(key), shard
+    formats = set()
+    for marker in [k for k in sd if _BNB_MARKER in k]:
+        wkey = marker[: marker.index(_BNB_MARKER)]  # "<module>.weight"
+        own = {k: sd.pop(k) for k in [k for k in sd if k == wkey or k.startswith(wkey + ".")]}
+        name = model_key(wkey)
+        if name is None:
+            raise QloraError(f"{origin[marker]}: 4-bit weight '{wkey}' matches no layer of this architecture")
+        try:
+            q = quant.from_state_dict(own, wkey)
+        except ValueError as e:
+            raise QloraError(f"{origin[marker]}: {e}") from None
+        module_name = name.rpartition(".")[0]
+        module = net.get_submodule(module_name)
+        out_in = tuple(module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape)
+        if tuple(q.shape) != out_in:
+            raise QloraError(f"{origin[marker]}: '{wkey}' has shape {list(q.shape)}, the model expects {list(out_in)}")
+        bias_key = wkey.removesuffix("weight") + "bias"
+        if getattr(module, "bias", None) is not None and bias_key not in sd:
+            raise QloraError(f"{origin[marker]}: checkpoint lacks '{bias_key}'")
+        _set_module(net, module_name, Linear4bit(q, sd.pop(bias_key, None), dtype))
+        formats.add((q.quant_type, q.blocksize, q.double_quant))
+    for key, tensor in sd.items():
+        if (name := model_key(key)) is not None:
+            _place(net, name, tensor, dtype, set(), None, copy=False)
+    net.qlora_quant = dict(zip(("quant_type", "blocksize", "double_quant"), min(formats)))
+
+
+def save_quantized(net: nn.Module, out_dir: str, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a loaded 4-bit model (no adapters) as a transformers directory in bitsandbytes' layout:
+    config.json with `quantization_config`, the 4-bit codes and scales as they are (nothing is
+    re-quantized), 16-bit embeddings/norms/head, tokenizer files. `load(out_dir)` maps it back;
+    transformers + bitsandbytes load it as a pre-quantized model. Tokenizer: the source model's."""
+    from .export.bnb import write_4bit  # the one bitsandbytes-layout writer (staged, sharded)
+
+    if tokenizer is None:
+        source = getattr(net, "qlora_source", None)
+        tokenizer = load_tokenizer(*resolve(None if source == DEFAULT_MODEL else source))
+    compute = next((m.compute_dtype for m in net.modules() if isinstance(m, Linear4bit)), None)
+    if compute is None:
+        raise QloraError("save_quantized: the model has no 4-bit layers (loaded with quant_type='bf16'?)")
+    return write_4bit(net, tokenizer, out_dir, compute, overwrite=overwrite)
+
+
+def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set, quant: dict | None,
+           copy: bool = True) -> None:
     module_name, _, attr = name.rpartition(".")
     module = net.get_submodule(module_name)
     if module_name in targets and attr == "weight":
         transpose = _is_conv1d(module)
         shell = nn.Module()  # carries weight/bias for from_linear without materializing a Linear
         shell.weight, shell.bias = tensor.to(dtype), getattr(module, "bias", None)
-        new = Linear4bit.from_linear(shell, compute_dtype=dtype, transpose=transpose, **quant)
+        new = _quantize_layer(shell, name, dict(quant, compute_dtype=dtype, transpose=transpose))
         if new.bias is not None and new.bias.is_meta:
             new.bias = nn.Parameter(torch.zeros(new.out_features, dtype=dtype), requires_grad=False)
         _set_module(net, module_name, new)
     elif isinstance(module, Linear4bit) and attr == "bias":
         with torch.no_grad():
             module.bias.copy_(tensor)
-    elif attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor.to(dtype if tensor.is_floating_point() else tensor.dtype),
-                                                requires_grad=False)
-    else:
-        module._buffers[attr] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    else:  # kept in 16 bits; copied unless `tensor` is ours to keep (not a view into a reused buffer)
+        kept = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=copy)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(kept, requires_grad=False)
+        else:
+            module._buffers[attr] = kept
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -209,9 +283,17 @@ def quantize_model(net: nn.Module, quant_type="nf4", blocksize=64, double_quant=
     """Replace linear layers by Linear4bit one at a time (each 16-bit weight freed as we go)."""
     for name in linear_names(net, include_head=quantize_head):
         module = net.get_submodule(name)
-        _set_module(net, name, Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
-                                                      compute_dtype, transpose=_is_conv1d(module)))
+        kw = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                  compute_dtype=compute_dtype, transpose=_is_conv1d(module))
+        _set_module(net, name, _quantize_layer(module, f"{name}.weight", kw))
     return net
+
+
+def _quantize_layer(module: nn.Module, name: str, kw: dict) -> Linear4bit:
+    try:
+        return Linear4bit.from_linear(module, **kw)
+    except ValueError as e:  # NaN/Inf or an unquantizable tensor in the checkpoint: name it
+        raise QloraError(f"weight '{name}': {e}") from None
 
 
 def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: str = "all",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, data, hf
+from . import __version__, checkpoint, data, distributed, hf
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
 
@@ -49,7 +49,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     """Validate data, load (or take) the model, add LoRA. Writes nothing to disk."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = distributed.init(pick_device(cfg.device))  # under torchrun: join the group, this rank's device
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
@@ -121,9 +121,12 @@ def validation_loss(run: Run) -> float | None:
     run.model.eval()
     total, count = 0.0, 0
     for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+        if not (idx := distributed.shard(idx)):  # data parallel: this rank's share
+            continue
         batch = _to_device(data.collate([run.val_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
         s, n = loss_sum(run.model, batch)
         total, count = total + float(s), count + n
+    total, count = distributed.sum_over_ranks(total, count)
     run.model.train()
     return total / max(count, 1)
 
@@ -156,6 +159,7 @@ def fit(run: Run, progress: bool = True) -> dict:
     lengths = [len(e["input_ids"]) for e in run.train_set]
     step, epoch, cursor = 0, 0, 0
     metrics_path = out / "metrics.jsonl"
+    main = distributed.is_main()  # data parallel: rank 0 alone writes metrics, checkpoints and the adapter
     if cfg.resume:
         ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
         state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
@@ -164,18 +168,19 @@ def fit(run: Run, progress: bool = True) -> dict:
         opt.load_state(opt_tensors, state["optimizer"])
         checkpoint.set_rng_state(rng_tensors, state["rng"])
         step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        _truncate_metrics(metrics_path, step)
+        if main:
+            _truncate_metrics(metrics_path, step)
         print(f"resumed from {ckpt} at step {step}")
-    elif metrics_path.exists():
+    elif main and metrics_path.exists():
         metrics_path.unlink()  # a fresh run owns its metrics file
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batches = data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
     last_good = str(checkpoint.candidates(ckpt_root)[0]) if checkpoint.candidates(ckpt_root) else None
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     t_log, tokens_log, losses, skipped = time.perf_counter(), 0, [], 0
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    with open(metrics_path if main else os.devnull, "a", encoding="utf-8") as log:
         while step < cfg.max_steps:
             # 1. collect this step's micro-batches (advancing epochs as needed)
             micro = []
@@ -186,14 +191,21 @@ def fit(run: Run, progress: bool = True) -> dict:
                 micro.append(batches[cursor])
                 cursor += 1
             # 2. forward/backward, loss weighted by target tokens across the accumulated batches
+            #    (n_targets counts the whole global batch, so data-parallel ranks scale their shares alike)
             n_targets = sum(sum(sum(1 for t in run.train_set[i]["labels"][1:] if t != -100) for i in idx) for idx in micro)
-            step_loss = 0.0
+            distributed.seed_step(cfg.seed, step)
+            step_loss, step_tokens = 0.0, 0
             for idx in micro:
+                if not (idx := distributed.shard(idx)):  # data parallel: this rank's share of the micro-batch
+                    continue
                 batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
                 s, _ = loss_sum(model, batch)
                 (s / n_targets).backward()
                 step_loss += float(s) / n_targets
-                tokens_log += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
+            # data parallel: sum LoRA gradients, loss and tokens over ranks (one all-reduce; no-op in one process)
+            step_loss, step_tokens = distributed.all_reduce_grads([p for _, p in params], step_loss, step_tokens)
+            tokens_log += step_tokens
             # 3. guard, clip, step
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -226,13 +238,16 @@ def fit(run: Run, progress: bool = True) -> dict:
                 log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
                 log.flush()
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-                last_good = str(checkpoint.save(ckpt_root, step, lambda d: hf.save_adapter(model, d, cfg.model), opt,
-                                                dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
-                                                     qlora_version=__version__), cfg.save_total_limit))
+                if main:  # the other ranks hold the same state; they wait so that none runs ahead of it
+                    last_good = str(checkpoint.save(ckpt_root, step, lambda d: hf.save_adapter(model, d, cfg.model), opt,
+                                                    dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
+                                                         qlora_version=__version__), cfg.save_total_limit))
+                distributed.barrier()
     bar.close()
     opt.close()
-    _publish_adapter(model, out, cfg)
-    _plot(metrics_path, out / "loss.png")
+    if main:
+        _publish_adapter(model, out, cfg)
+        _plot(metrics_path, out / "loss.png")
     return {"steps": step, "skipped_steps": skipped, "output_dir": str(out), "checkpoint": last_good,
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
@@ -301,7 +316,12 @@ def _plot(metrics_path: Path, png: Path) -> None:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Load, finetune, save. For the built-in demo (no data), see qlora.demo.run."""
-    run = setup(cfg)
-    summary = fit(run, progress=progress)
+    if cfg.nproc > 1 and not distributed.launched():
+        return distributed.launch(cfg)  # re-runs this in cfg.nproc processes, which take the branch below
+    try:
+        run = setup(cfg)
+        summary = fit(run, progress=progress)
+    finally:
+        distributed.shutdown()
     summary["data"] = run.data_stats
     return summary

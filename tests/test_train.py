@@ -33,6 +33,7 @@ def _cfg(tmp_path, model, **kw):
 def test_loss_decreases_on_a_fixed_batch_and_only_lora_changes(tiny_dirs, arch):
     from qlora import data
 
+    torch.manual_seed(0)  # LoRA A's init: independent of what ran before in this process
     model, tok = hf.load(tiny_dirs[arch], lora=dict(r=8, alpha=16, dropout=0.0))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     q_before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, hf.Linear4bit)}
@@ -41,13 +42,13 @@ def test_loss_decreases_on_a_fixed_batch_and_only_lora_changes(tiny_dirs, arch):
     batch = data.collate(ex, tok.pad_token_id)
     opt = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], "adamw", lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(16):
         s, n = loss_sum(model, batch)
         (s / n).backward()
         opt.step()
         opt.zero_grad()
         losses.append(s.item() / n)
-    assert losses[-1] < losses[0] * 0.9 and min(losses[4:]) < min(losses[:4]), losses
+    assert min(losses[-4:]) < losses[0] * 0.9 and min(losses[8:]) < min(losses[:4]), losses
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen[n]), n

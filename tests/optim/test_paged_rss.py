@@ -13,7 +13,7 @@ BUDGET = 32 * 2**20
 MARGIN = 40 * 2**20  # one parameter's temporaries (sqrt(v): 4 MB), allocator slack, thread stacks
 
 CHILD = f"""
-import json, resource, sys, torch
+import json, sys, torch
 from qlora.optim import build_optimizer
 kind, budget, offload = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
 params = [(f"l{{i}}.weight", torch.nn.Parameter(torch.zeros({DIM}, {DIM}))) for i in range({LAYERS})]
@@ -21,11 +21,15 @@ gen = torch.Generator().manual_seed(0)
 for _, p in params:
     p.grad = torch.zeros_like(p)
     p.grad.normal_(generator=gen)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def status(key):  # /proc/self/status values are KiB; VmHWM is per address space (reset by exec,
+    # unlike ru_maxrss, which carries over the forking parent's peak)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+base = status("VmRSS")
 opt = build_optimizer(params, kind, lr=1e-3, memory_budget=budget, offload_dir=offload)
 for _ in range(2):  # step 1 pages everything out, step 2 back in and out again
     opt.step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({{"base": base, "peak": peak, "stats": opt.stats()}}))
 opt.close()
 """

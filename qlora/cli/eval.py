@@ -1,0 +1,411 @@
+"""`qlora eval <perplexity|choice|mmlu|datatypes|generate|judge|elo|compare>`: the paper's instruments.
+
+Every subcommand prints a markdown table and, with --output, writes the numbers as JSON together
+with the settings that produced them. Library calls live in qlora.evaluate; this file parses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import QloraError
+from .generate import DTYPE_CHOICES, QUANT_CHOICES, add_model_args, add_sampling_args
+
+def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: bool = True) -> None:
+    """The model flags: generate's set (--model --adapter --quant-type --dtype), plus the 4-bit layout."""
+    if adapters and quant:
+        add_model_args(p)
+    else:
+        p.add_argument("--model", help="local HF directory, GGUF file, or hub name (default: the embedded SmolLM2-135M-Instruct)")
+        if adapters:
+            p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
+                           help="PEFT adapter applied live (repeatable)")
+        if quant:
+            p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
+                           help="4-bit type of the base (default: the one each adapter was trained on, else nf4)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype of the matmuls (default: bfloat16)")
+    if quant:
+        p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                       help="quantize the block scales too (default: as the adapter was trained, else on)")
+        p.add_argument("--blocksize", type=int, choices=(64, 128, 256, 512, 1024, 2048, 4096), default=None,
+                       help="weights per 4-bit block (default: as the adapter was trained, else 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def add_common(p: argparse.ArgumentParser, limit_help: str, batch_size: int = 8) -> None:
+    p.add_argument("--limit", type=int, default=None, help=limit_help)
+    p.add_argument("--output", metavar="FILE.json", help="also write the results as JSON")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per forward pass (default: {batch_size})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate: perplexity, zero-shot/MMLU accuracy, data types, judged tournaments",
+                       description="Evaluation instruments of the QLoRA paper; see `qlora eval VERB --help`.")
+    verbs = p.add_subparsers(dest="eval_verb", metavar="VERB")
+    for add in (_register_perplexity, _register_choice, _register_mmlu, _register_datatypes, _register_generate,
+                _register_judge, _register_elo, _register_compare):
+        add(verbs)
+    p.set_defaults(func=lambda args: _help(p))
+
+
+def _help(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def load(args, adapters: list[str] | None = None):
+    """(model, tokenizer) from the model flags; quantization read from the (first) adapter unless given."""
+    import torch
+
+    from .. import hf
+    from ..generate import base_quant
+
+    adapters = list(args.adapters if adapters is None else adapters)
+    quant = base_quant(adapters)
+    for key in ("quant_type", "double_quant", "blocksize"):
+        if getattr(args, key, None) is not None:
+            quant[key] = getattr(args, key)
+    if args.batch_size < 1:
+        raise QloraError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tokenizer = hf.load(args.model, compute_dtype=getattr(torch, args.dtype), adapters=adapters,
+                               device=args.device, **quant)
+    model.qlora_adapters = adapters
+    shown = "bf16" if quant["quant_type"] == "bf16" else (
+        f"{quant['quant_type']}{'+dq' if quant['double_quant'] else ''}@{quant['blocksize']}")
+    extra = f" + {len(adapters)} adapter(s)" if adapters else ""
+    print(f"loaded {model.qlora_source} ({shown}{extra}, {args.dtype})", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def settings(model, args) -> dict:
+    """What produced a result, for the JSON file."""
+    return dict(model=model.qlora_source, adapters=list(getattr(model, "qlora_adapters", [])),
+                quant=dict(model.qlora_quant), dtype=args.dtype)
+
+
+def finish(args, payload: dict, table: str) -> int:
+    from ..evaluate.report import write_json
+
+    print(table)
+    if args.output:
+        write_json(args.output, payload)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# ---- perplexity ----
+
+def _register_perplexity(verbs) -> None:
+    p = verbs.add_parser("perplexity", help="perplexity on a text file or dataset column",
+                         description="Token-weighted perplexity: the text is tokenized once and cut into windows "
+                         "(non-overlapping by default; --stride < --window for a sliding window).")
+    p.add_argument("--data", metavar="FILE", help="text file, or dataset file with --column (default: the shared WikiText-2 test text)")
+    p.add_argument("--column", help="string column of a dataset file, rows joined by blank lines (default: text)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window, no overlap)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="use the first N tokens, 0 = all (default: 32768)")
+    add_quant_args(p)
+    add_common(p, "evaluate at most N windows", batch_size=1)
+    p.set_defaults(func=_run_perplexity)
+
+
+def _run_perplexity(args) -> int:
+    from ..evaluate.choice import data_dir
+    from ..evaluate.perplexity import perplexity, read_text, tokenize
+    from ..evaluate.report import markdown_table
+
+    path = args.data or str(data_dir() / "ppl" / "wikitext2_raw_test.txt")
+    text = read_text(path, args.column)
+    model, tokenizer = load(args)
+    ids = tokenize(tokenizer, text, args.max_tokens or None)
+    stride = args.stride or args.window
+    if args.limit:
+        ids = ids[: (args.limit - 1) * stride + args.window]
+    r = perplexity(model, ids, args.window, stride, args.batch_size, args.progress)
+    table = markdown_table(["data", "tokens predicted", "windows", "window/stride", "perplexity"],
+                           [[path, r.tokens, r.windows, f"{r.window}/{r.stride}", f"{r.perplexity:.4f}"]])
+    return finish(args, dict(settings(model, args), data=path, **r.to_dict()), table)
+
+
+# ---- zero-shot multiple choice ----
+
+def _register_choice(verbs) -> None:
+    from ..evaluate.choice import DEFAULT_TASKS
+
+    p = verbs.add_parser("choice", help="zero-shot multiple choice accuracy (ARC, PIQA, HellaSwag, WinoGrande, JSONL)",
+                         description="acc and acc_norm (lm-evaluation-harness definitions) per task.")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated task names or JSONL files with query/choices/gold (default: {','.join(DEFAULT_TASKS)})")
+    add_quant_args(p)
+    add_common(p, "first N questions of each task")
+    p.set_defaults(func=_run_choice)
+
+
+def _run_choice(args) -> int:
+    from ..evaluate.choice import evaluate_choice, load_task
+    from ..evaluate.report import markdown_table
+
+    tasks = [load_task(t, args.limit) for t in _csv(args.tasks)]  # read all first: fail before loading the model
+    model, tokenizer = load(args)
+    results = [evaluate_choice(model, tokenizer, qs, name, args.batch_size, args.progress) for name, qs in tasks]
+    rows = [[r.task, r.n, f"{r.acc:.4f} ± {r.acc_stderr:.4f}", f"{r.acc_norm:.4f}"] for r in results]
+    mean = sum(r.acc for r in results) / len(results)
+    mean_norm = sum(r.acc_norm for r in results) / len(results)
+    rows.append(["mean", sum(r.n for r in results), f"{mean:.4f}", f"{mean_norm:.4f}"])
+    payload = dict(settings(model, args), tasks=[r.to_dict() for r in results], mean_acc=mean, mean_acc_norm=mean_norm)
+    return finish(args, payload, markdown_table(["task", "n", "acc", "acc_norm"], rows))
+
+
+# ---- MMLU ----
+
+def _register_mmlu(verbs) -> None:
+    p = verbs.add_parser("mmlu", help="MMLU 5-shot accuracy (the paper's prompt format)",
+                         description="5-shot MMLU from the shared dev/test files; the prediction is the most likely "
+                         "of the A/B/C/D answer tokens. Reports accuracy over questions and per subject.")
+    p.add_argument("--subjects", help="comma-separated subjects (default: all 57)")
+    p.add_argument("--shots", type=int, default=5, help="dev examples in each prompt (default: 5)")
+    add_quant_args(p)
+    add_common(p, "first N test questions of each subject")
+    p.set_defaults(func=_run_mmlu)
+
+
+def _run_mmlu(args) -> int:
+    from ..evaluate.mmlu import evaluate_mmlu, load_mmlu
+    from ..evaluate.report import markdown_table
+
+    if not 0 <= args.shots <= 5:
+        raise QloraError(f"--shots must be between 0 and 5 (the dev set has 5 per subject), got {args.shots}")
+    dev, test = load_mmlu(args.limit, _csv(args.subjects) if args.subjects else None)
+    model, tokenizer = load(args)
+    r = evaluate_mmlu(model, tokenizer, dev, test, args.shots, args.batch_size, args.progress)
+    rows = [[s, d["n"], f"{d['accuracy']:.4f}"] for s, d in r.subjects.items()]
+    rows += [["**all questions**", r.n, f"{r.accuracy:.4f}"], ["**mean of subjects**", len(r.subjects), f"{r.subject_mean:.4f}"]]
+    payload = dict(settings(model, args), shots=args.shots, **r.to_dict())
+    return finish(args, payload, markdown_table(["subject", "n", "accuracy"], rows))
+
+
+# ---- the data-type study ----
+
+def _register_datatypes(verbs) -> None:
+    from ..evaluate.choice import DEFAULT_TASKS
+    from ..evaluate.datatypes import DEFAULT_DATATYPES
+
+    p = verbs.add_parser("datatypes", help="the paper's data-type study: perplexity, zero-shot accuracy, bits/param",
+                         description="Quantize one model to each data type and measure perplexity, mean zero-shot "
+                         "accuracy and stored bits per parameter (paper Figure 3 / Table 2). TYPE[+dq][@BLOCKSIZE].")
+    p.add_argument("--datatypes", default=",".join(DEFAULT_DATATYPES), help=f"default: {','.join(DEFAULT_DATATYPES)}")
+    p.add_argument("--data", metavar="FILE", help="perplexity text (default: the shared WikiText-2 test text)")
+    p.add_argument("--window", type=int, default=1024, help="perplexity window, no overlap (default: 1024)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="perplexity on the first N tokens (default: 8192)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="zero-shot tasks, '' for none (default: all five)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw perplexity and accuracy against bits/param")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
+    add_quant_args(p, quant=False)
+    add_common(p, "first N questions of each zero-shot task (default: 50)")
+    p.set_defaults(func=_run_datatypes, limit=50)
+
+
+def _run_datatypes(args) -> int:
+    import torch
+
+    from .. import hf
+    from ..evaluate import datatypes as D
+    from ..evaluate.choice import data_dir, load_task
+    from ..evaluate.perplexity import read_text, tokenize
+
+    dtypes = [D.parse_datatype(s) for s in _csv(args.datatypes)]
+    tasks = dict(load_task(t, args.limit) for t in _csv(args.tasks))
+    text = read_text(args.data or str(data_dir() / "ppl" / "wikitext2_raw_test.txt"))
+    # quantized from weights in the compute dtype, as `hf.load` does: each row equals `qlora eval perplexity`
+    base, tokenizer = hf.load(args.model, quant_type="bf16", compute_dtype=getattr(torch, args.dtype), device=args.device)
+    ids = tokenize(tokenizer, text, args.max_tokens or None)
+    rows = D.study(base, tokenizer, dtypes, ids, tasks, args.window, args.adapters, getattr(torch, args.dtype),
+                   args.batch_size, args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))
+    table = D.table(rows)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+    if args.plot:
+        D.plot(rows, args.plot, f"{base.qlora_source}: data types")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    payload = dict(model=base.qlora_source, adapters=args.adapters, dtype=args.dtype, ppl_tokens=len(ids),
+                   window=args.window, tasks=list(tasks), limit=args.limit, rows=rows)
+    return finish(args, payload, table)
+
+
+# ---- generation ----
+
+def _register_generate(verbs) -> None:
+    p = verbs.add_parser("generate", help="answer a prompt set (Vicuna-bench JSONL or prompt/question/instruction rows)",
+                         description="Answers go through the chat template; one JSONL row per prompt with the "
+                         "answer and the settings used, ready for `qlora eval judge`.")
+    p.add_argument("--prompts", metavar="FILE.jsonl", help="prompt set (default: the shared vicuna_bench_80.jsonl)")
+    p.add_argument("--name", help="system name recorded in the answers (default: the adapter's directory name, or 'base')")
+    add_quant_args(p)
+    add_sampling_args(p)
+    add_common(p, "first N prompts")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from pathlib import Path
+
+    from ..evaluate.choice import data_dir
+    from ..evaluate.generation import answer_all, load_prompts
+    from ..evaluate.report import markdown_table
+    from .generate import settings_from
+
+    if not args.output:
+        raise QloraError("give --output FILE.jsonl for the answers")
+    prompts = load_prompts(args.prompts or str(data_dir() / "eval" / "vicuna_bench_80.jsonl"), args.limit)
+    s = settings_from(args)
+    name = args.name or (Path(args.adapters[-1]).resolve().name if args.adapters else "base")
+    model, tokenizer = load(args)
+    info = settings(model, args)
+    rows = answer_all(model, tokenizer, prompts, s, name, args.output, info, args.progress)
+    seconds = sum(r["seconds"] for r in rows)
+    print(markdown_table(["system", "prompts", "mean answer chars", "seconds"],
+                         [[name, len(rows), f"{sum(len(r['answer']) for r in rows) / len(rows):.0f}", f"{seconds:.1f}"]]))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# ---- pairwise judging and Elo ----
+
+def _register_judge(verbs) -> None:
+    p = verbs.add_parser("judge", help="judge answer files pairwise (both orders) and rate them with Elo",
+                         description="Every pair of systems on every shared question, each pair in both orders. "
+                         "Judges: an OpenAI-compatible endpoint (--judge api), a local model through qlora "
+                         "(--judge local: the model flags pick it), or you (--judge human).")
+    p.add_argument("answers", nargs="+", metavar="ANSWERS.jsonl", help="two or more answer files (qlora eval generate)")
+    p.add_argument("--judge", choices=("api", "local", "human"), default="local", help="who judges (default: local)")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL for --judge api, e.g. https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="gpt-4", help="model name sent to the endpoint (default: gpt-4)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    p.add_argument("--judgments", metavar="FILE.jsonl",
+                   help="append each judgment here and skip those already in it (default: OUTPUT.judgments.jsonl with --output)")
+    p.add_argument("--one-order", action="store_true", help="judge each pair once, not in both orders")
+    add_elo_args(p)
+    add_quant_args(p)
+    add_common(p, "first N shared questions")
+    p.set_defaults(func=_run_judge)
+
+
+def add_elo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=10_000, help="random match orders for Elo (default: 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the match orders (default: 0)")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the tables as markdown")
+
+
+def _judge_from(args):
+    from ..evaluate.judge import ChatJudge, HumanJudge, LocalJudge
+
+    if args.judge == "api":
+        if not args.judge_url:
+            raise QloraError("--judge api needs --judge-url (an OpenAI-compatible base URL)")
+        return ChatJudge(args.judge_url, args.judge_model, os.environ.get(args.api_key_env))
+    if args.judge == "human":
+        return HumanJudge()
+    return LocalJudge(*load(args))
+
+
+def _run_judge(args) -> int:
+    from ..evaluate.pairwise import judge_all, load_answers, tournament
+
+    if args.rounds < 1:
+        raise QloraError(f"--rounds must be >= 1, got {args.rounds}")
+    systems = {}
+    for path in args.answers:
+        name, answers = load_answers(path)
+        if name in systems:
+            raise QloraError(f"{path}: system name '{name}' is used by two answer files; rename one (key 'name')")
+        systems[name] = answers
+    log = args.judgments or (f"{args.output.removesuffix('.json')}.judgments.jsonl" if args.output else None)
+    judge = _judge_from(args)
+    judgments = judge_all(systems, judge, log=log, both_orders=not args.one_order, limit=args.limit,
+                          progress=args.progress and args.judge != "human")
+    payload, table = tournament(judgments, args.rounds, args.seed)
+    payload.update(judge=args.judge, judge_model=args.judge_model if args.judge == "api" else None,
+                   judgments_file=log, answers=args.answers)
+    _write_md(args, table)
+    return finish(args, payload, table)
+
+
+def _write_md(args, table: str) -> None:
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+
+
+def _register_elo(verbs) -> None:
+    p = verbs.add_parser("elo", help="Elo ratings and win/tie/loss tables from judgment files",
+                         description="Elo as in the paper: start 1000, K=32, mean and 95%% interval over random match orders.")
+    p.add_argument("judgments", nargs="+", metavar="JUDGMENTS.jsonl", help="files written by `qlora eval judge`")
+    add_elo_args(p)
+    p.add_argument("--output", metavar="FILE.json", help="also write the results as JSON")
+    p.set_defaults(func=_run_elo)
+
+
+def _run_elo(args) -> int:
+    from ..evaluate.pairwise import read_judgments, tournament
+
+    if args.rounds < 1:
+        raise QloraError(f"--rounds must be >= 1, got {args.rounds}")
+    judgments = []
+    for path in args.judgments:
+        if not os.path.isfile(path):
+            raise QloraError(f"{path}: no such judgments file")
+        judgments += read_judgments(path)
+    payload, table = tournament(judgments, args.rounds, args.seed)
+    _write_md(args, table)
+    return finish(args, dict(payload, judgments_files=args.judgments), table)
+
+
+# ---- finetune vs finetune ----
+
+def _register_compare(verbs) -> None:
+    from ..evaluate.compare import METRICS
+
+    p = verbs.add_parser("compare", help="two adapters on one held-out set, with a paired bootstrap 95%% interval",
+                         description="Score adapters A and B (each on the base quantized as it was trained, unless "
+                         "--quant-type says otherwise; 'base' = no adapter) on the same rows and report A - B.")
+    p.add_argument("a", metavar="A", help="adapter directory, or 'base'")
+    p.add_argument("b", metavar="B", help="adapter directory, or 'base'")
+    p.add_argument("--data", required=True, metavar="FILE", help="held-out rows (alpaca / chat / completion / guanaco)")
+    p.add_argument("--data-format", default="auto", help="row format (default: auto-detect)")
+    p.add_argument("--metric", choices=METRICS, default="loss", help="per-example answer loss or greedy exact match (default: loss)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer budget for exact match (default: 64)")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per example for the loss (default: 1024)")
+    p.add_argument("--rounds", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    add_quant_args(p, adapters=False)
+    add_common(p, "first N rows")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from ..data import read_dataset
+    from ..evaluate.compare import score, summarize
+    from ..evaluate.report import markdown_table
+
+    rows, fmt = read_dataset(args.data, args.data_format)
+    rows = rows[: args.limit] if args.limit else rows
+    scores, sides = [], []
+    for side in (args.a, args.b):
+        model, tokenizer = load(args, [] if side == "base" else [side])
+        scores.append(score(model, tokenizer, rows, fmt, args.metric, args.max_seq_len, args.max_new_tokens,
+                            args.batch_size, args.data, args.progress))
+        sides.append(dict(settings(model, args), name=side, scores=scores[-1]))
+        del model
+    r = summarize(args.metric, scores[0], scores[1], args.rounds, args.seed)
+    lo, hi = r["ci95"]
+    table = markdown_table(["metric", "n", "A", "B", "A − B", "95% CI", "verdict"],
+                           [[args.metric, r["n"], r["mean_a"], r["mean_b"], r["diff"], f"[{lo:.4f}, {hi:.4f}]", r["verdict"]]])
+    return finish(args, dict(a=sides[0], b=sides[1], data=args.data, format=fmt, **r), table)

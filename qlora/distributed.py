@@ -1,0 +1,136 @@
+"""Data-parallel QLoRA on torch.distributed: every rank holds the frozen 4-bit base and its own copy
+of the LoRA weights; each optimizer step's global batch (the single-process batch) is split across
+ranks, and the LoRA gradients are summed with one all-reduce of one flat buffer.
+
+    qlora train --nproc 2 --data d.jsonl ...          # this machine: torchrun under the hood
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 -m qlora train --data ...
+
+Why the result equals one process (up to summation order): the loss is summed over target tokens
+and divided by the step's global target count, which every rank computes from the same global
+micro-batch indices, so the summed gradients are the single-process gradients. Clipping, the NaN
+guard and the optimizer then see identical gradients on every rank, and the LoRA weights and
+optimizer state stay identical without being broadcast. Checkpoints are written by rank 0 only;
+the data position in them is global, so a run resumes under any world size.
+
+Everything here is a no-op in a single process (WORLD_SIZE unset or 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import QloraError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a multi-process job started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up (gloo for CPU, nccl for CUDA) and return this rank's
+    device. Ranks other than 0 print nothing: their output would repeat rank 0's."""
+    if not launched() or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(indices: list[int]) -> list[int]:
+    """This rank's share of a micro-batch: every world_size-th example (all of them in one process)."""
+    return indices[rank()::world_size()]
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Reseed dropout per (step, rank): ranks draw different masks, and a resumed run, under any
+    world size, draws what an uninterrupted one would. One process keeps its single RNG stream."""
+    if world_size() > 1:
+        torch.manual_seed(seed + 1_000_003 * (step + 1) + rank())
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], *scalars: float) -> tuple[float, ...]:
+    """Sum the parameters' gradients and `scalars` (loss, token count) over ranks: one all-reduce of
+    one flat fp32 buffer, LoRA gradients being small (r·(in + out) per layer). Returns the summed
+    scalars; the gradients are replaced in place. A rank that had no example contributes zeros."""
+    if world_size() == 1:
+        return scalars
+    device = params[0].device
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params]
+    flat = torch.cat([*[g.float() for g in grads], torch.tensor(scalars, dtype=torch.float32, device=device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        summed = flat[offset : offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            p.grad.copy_(summed)
+        offset += n
+    return tuple(flat[offset:].tolist())
+
+
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Sum a few numbers over ranks (in float64); identity in one process."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
+def launch(cfg) -> dict:
+    """Run `qlora train` with this config in cfg.nproc processes on this machine (torchrun,
+    standalone rendezvous). The ranks print the run's output; returns a short summary."""
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="qlora-launch-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(dataclasses.asdict(cfg)), encoding="utf-8")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
+               "-m", "qlora", "train", "--config", str(config)]
+        # torchrun would give every rank 1 thread; share the cores instead (unless the user chose)
+        threads = str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise QloraError(f"distributed training with {cfg.nproc} processes failed (exit code {code}); "
+                         "see the ranks' errors above")
+    return {"nproc": cfg.nproc, "output_dir": cfg.output_dir, "adapter": str(Path(cfg.output_dir) / "adapter_model.safetensors")}

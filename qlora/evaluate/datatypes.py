@@ -1,0 +1,146 @@
+"""The data-type study (paper Figure 3 / Table 2) for any model: one table row per 4-bit format.
+
+For each format the same unquantized model is quantized afresh (a deep copy of it, so the 16-bit
+weights are read once) and measured by
+- perplexity on a text (default: WikiText-2 test, non-overlapping 1,024-token windows),
+- mean zero-shot accuracy over the multiple-choice tasks (a few examples each by default),
+- bits per parameter of the stored linear weights (codes + block scales + DQ constants), from the
+  tensors themselves, parameter-weighted over every Linear4bit; 16 for bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QloraError
+from ..quant import QUANT_TYPES
+
+_SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?$")
+
+
+@dataclass(frozen=True)
+class DataType:
+    quant_type: str  # "bf16" or one of quant.QUANT_TYPES
+    double_quant: bool = False
+    blocksize: int = 64
+
+    @property
+    def name(self) -> str:
+        if self.quant_type == "bf16":
+            return "bf16"
+        return f"{self.quant_type}{'+dq' if self.double_quant else ''}@{self.blocksize}"
+
+
+def parse_datatype(spec: str) -> DataType:
+    """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> DataType."""
+    m = _SPEC.match(spec.strip().lower())
+    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (m["type"] == "bf16" and (m["dq"] or m["bs"])):
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, {', '.join(QUANT_TYPES)}")
+    return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64))
+
+
+DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256")
+
+
+def linear_bits(net) -> tuple[float, int]:
+    """(parameter-weighted bits per parameter of the linear weights, their parameter count)."""
+    from ..hf import linear_names
+    from ..nn import Linear4bit
+
+    bits, count = 0, 0
+    for module in net.modules():
+        if isinstance(module, Linear4bit):
+            bits += module.weight.nbytes() * 8
+            count += module.weight.numel
+    if count:
+        return bits / count, count
+    weights = [net.get_submodule(n).weight for n in linear_names(net)]
+    return float(weights[0].element_size() * 8), sum(w.numel() for w in weights)
+
+
+def model_megabytes(net) -> float:
+    """Stored size of the model: 4-bit weights with their scales, plus every other tensor."""
+    from ..nn import Linear4bit
+
+    total = sum(m.weight.nbytes() for m in net.modules() if isinstance(m, Linear4bit))
+    seen = set()
+    for t in list(net.parameters()) + list(net.buffers()):
+        if t.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
+    from ..hf import quantize_model
+
+    net = copy.deepcopy(base)
+    if dtype.quant_type != "bf16":
+        quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype)
+    net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
+    return net.to(compute_dtype)
+
+
+def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dict[str, list], window: int = 1024,
+          adapters=(), compute_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8, progress: bool = True,
+          log=print) -> list[dict]:
+    """One result row per data type (see module doc). `tasks`: name -> questions (choice.load_task)."""
+    from ..hf import load_adapter
+    from .choice import evaluate_choice
+    from .perplexity import perplexity
+
+    rows = []
+    for dt in dtypes:
+        net = quantized_copy(base, dt, compute_dtype)
+        for path in adapters:
+            load_adapter(net, path)
+        bits, params = linear_bits(net)
+        ppl = perplexity(net, ids, window, progress=progress)
+        acc = {name: evaluate_choice(net, tokenizer, qs, name, batch_size, progress).acc for name, qs in tasks.items()}
+        row = dict(datatype=dt.name, quant_type=dt.quant_type, double_quant=dt.double_quant, blocksize=dt.blocksize,
+                   bits_per_param=bits, linear_params=params, model_mb=model_megabytes(net), perplexity=ppl.perplexity,
+                   ppl_tokens=ppl.tokens, zero_shot_mean=sum(acc.values()) / len(acc) if acc else None, zero_shot=acc)
+        log(f"{dt.name:>14}: {bits:.3f} bits/param, ppl {ppl.perplexity:.2f}"
+            + (f", zero-shot {row['zero_shot_mean']:.4f}" if acc else ""))
+        rows.append(row)
+        del net
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    from .report import markdown_table
+
+    tasks = list(rows[0]["zero_shot"]) if rows else []
+    headers = ["data type", "bits/param", "model MB", "perplexity"] + (["zero-shot mean"] + tasks if tasks else [])
+    body = [[r["datatype"], f"{r['bits_per_param']:.3f}", f"{r['model_mb']:.1f}", f"{r['perplexity']:.2f}"]
+            + ([r["zero_shot_mean"]] + [r["zero_shot"][t] for t in tasks] if tasks else []) for r in rows]
+    return markdown_table(headers, body)
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+    """Perplexity and mean zero-shot accuracy against bits per parameter (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("perplexity", "perplexity (lower is better)")]
+    if rows and rows[0]["zero_shot_mean"] is not None:
+        panels.append(("zero_shot_mean", "mean zero-shot accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for r in rows:
+            ax.scatter(r["bits_per_param"], r[key], color="tab:blue" if "nf4" in r["datatype"] else "tab:gray")
+            ax.annotate(r["datatype"], (r["bits_per_param"], r[key]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per parameter (linear weights, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "4-bit data types")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
