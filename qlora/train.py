@@ -54,6 +54,9 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
     if model is None:
+        from .memory import return_freed_memory
+
+        return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         _preflight(cfg)
         model, tokenizer = hf.load(
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
@@ -91,7 +94,8 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     logits, and the fp32 upcast covers (targets × vocab), not (batch × length × vocab)."""
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
     hidden = hidden[:, :-1][mask]  # (N, H)
     logits = model.get_output_embeddings()(hidden).float()  # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -201,7 +205,7 @@ def fit(run: Run, progress: bool = True) -> dict:
                 batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
                 s, _ = loss_sum(model, batch)
                 (s / n_targets).backward()
-                step_loss += float(s) / n_targets
+                step_loss += float(s.detach()) / n_targets
                 step_tokens += int(batch["attention_mask"].sum())
             # data parallel: sum LoRA gradients, loss and tokens over ranks (one all-reduce; no-op in one process)
             step_loss, step_tokens = distributed.all_reduce_grads([p for _, p in params], step_loss, step_tokens)
