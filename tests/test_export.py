@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from qlora import hf
 from qlora.cli import main
 from qlora.errors import QloraError
 from qlora.export import export, merge
@@ -24,21 +23,9 @@ from qlora.export.files import ShardWriter
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.nn import Linear4bit
 from qlora.quant import dequantize, quantize
-from qlora.tiny import save_tiny
+from qlora.tiny import save_tiny, save_tiny_adapter
 
 TEXT = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nhé<|im_end|>"
-
-
-def save_tiny_adapter(root, arch="llama", seed=0):
-    """A tiny model dir and a non-trivial adapter for it (lora_B random, so the adapter changes outputs)."""
-    model_dir = save_tiny(str(root / f"model-{arch}"), arch)
-    net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    for layer in hf.lora_layers(net).values():
-        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
-    adapter_dir = str(root / f"adapter-{arch}")
-    hf.save_adapter(net, adapter_dir, model_dir)
-    return model_dir, adapter_dir
 
 
 @pytest.fixture(scope="module")
