@@ -346,7 +346,7 @@ def _write_md(args, table: str) -> None:
 
 def _register_elo(verbs) -> None:
     p = verbs.add_parser("elo", help="Elo ratings and win/tie/loss tables from judgment files",
-                         description="Elo as in the paper: start 1000, K=32, mean and 95%% interval over random match orders.")
+                         description="Elo as in the paper: start 1000, K=32, mean and 95% interval over random match orders.")
     p.add_argument("judgments", nargs="+", metavar="JUDGMENTS.jsonl", help="files written by `qlora eval judge`")
     add_elo_args(p)
     p.add_argument("--output", metavar="FILE.json", help="also write the results as JSON")

@@ -122,25 +122,27 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> None:
-    """Perplexity and mean zero-shot accuracy against bits per parameter (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Perplexity and mean zero-shot accuracy against bits per parameter (PNG). A bare Figure, not
+    pyplot: no GUI backend and no global state, so it works headless and inside notebooks alike."""
+    from matplotlib.figure import Figure
 
     panels = [("perplexity", "perplexity (lower is better)")]
     if rows and rows[0]["zero_shot_mean"] is not None:
         panels.append(("zero_shot_mean", "mean zero-shot accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for r in rows:
+            if r["quant_type"] == "bf16":  # 16 bits is far off the 4-bit cluster: a reference line
+                ax.axhline(r[key], color="black", linestyle="--", linewidth=1, label=f"{r['datatype']} (16 bits)")
+                continue
             ax.scatter(r["bits_per_param"], r[key], color="tab:blue" if "nf4" in r["datatype"] else "tab:gray")
             ax.annotate(r["datatype"], (r["bits_per_param"], r[key]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bits per parameter (linear weights, log scale)")
+        ax.set_xlabel("bits per parameter (4-bit linear weights, measured)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if any(r["quant_type"] == "bf16" for r in rows):
+            ax.legend(loc="best", fontsize=8)
     fig.suptitle(title or "4-bit data types")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
