@@ -44,6 +44,7 @@ CITIES = (
 )
 JOBS = ("teacher", "nurse", "engineer", "baker", "pilot", "lawyer", "painter", "chef", "doctor", "farmer", "writer",
         "plumber")
+_REAL = set(FIRST_NAMES) | set(SURNAMES) | set(CITIES)
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 
@@ -68,17 +69,36 @@ TEMPLATES = (
 )
 
 
+# Invented names and cities (syllables, e.g. "Torvani Belsu") fill half the training slots: with
+# only ~50 real values per slot a 135M model learns to recall them and "corrects" an unseen test
+# name to a training one (Santiago -> "Manzanilla" after 50 steps); strings it cannot recall
+# teach it to copy. Never equal to a real value, so held-out values stay unseen.
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "sh")
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+CODAS = ("", "", "", "n", "r", "l", "s", "k")
+SYNTHETIC_SHARE = 0.5
+
+
+def _invented(rng: random.Random) -> str:
+    while True:
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))) + rng.choice(CODAS)
+        word = word.capitalize()
+        if word not in _REAL:
+            return word
+
+
 def _pools(held_out: bool) -> tuple[list[str], list[str], list[str]]:
     """Every fifth first name, surname and city is held out: test values never appear in training."""
     pick = lambda words: [w for i, w in enumerate(words) if (i % 5 == 0) == held_out]  # noqa: E731
     return pick(FIRST_NAMES), pick(SURNAMES), pick(CITIES)
 
 
-def _row(rng: random.Random, firsts, lasts, cities) -> dict:
+def _row(rng: random.Random, firsts, lasts, cities, synthetic: float = 0.0) -> dict:
+    pick = lambda pool: _invented(rng) if rng.random() < synthetic else rng.choice(pool)  # noqa: E731
     record = {
-        "name": f"{rng.choice(firsts)} {rng.choice(lasts)}",
+        "name": f"{pick(firsts)} {pick(lasts)}",
         "age": rng.randint(19, 88),
-        "city": rng.choice(cities),
+        "city": pick(cities),
         "year": rng.randint(1995, 2024),
     }
     sentence = rng.choice(TEMPLATES).format(
@@ -97,7 +117,7 @@ def _row(rng: random.Random, firsts, lasts, cities) -> dict:
 def make_demo_task(n_train: int = 2000, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train_rows, test_rows) in chat format; the same seed gives the same rows in any process."""
     rng = random.Random(seed)
-    train = [_row(rng, *_pools(False)) for _ in range(n_train)]
+    train = [_row(rng, *_pools(False), synthetic=SYNTHETIC_SHARE) for _ in range(n_train)]
     test = [_row(rng, *_pools(True)) for _ in range(n_test)]
     return train, test
 

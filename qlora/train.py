@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import __version__, checkpoint, data, distributed, hf
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
+from .nn.loss import linear_cross_entropy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -97,9 +99,12 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               use_cache=False).last_hidden_state
     hidden = hidden[:, :-1][mask]  # (N, H)
-    logits = model.get_output_embeddings()(hidden).float()  # (N, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)  # cap: Gemma
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        # frozen plain head: chunked, logits never whole, dL/dh formed in forward (nn/loss.py)
+        return linear_cross_entropy(hidden, head.weight, labels[mask], cap), int(mask.sum())
+    logits = head(hidden).float()  # (N, V)
+    if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, labels[mask], reduction="sum"), int(mask.sum())
 

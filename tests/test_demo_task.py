@@ -28,9 +28,19 @@ def test_same_seed_same_rows_and_sizes(task):
     assert make_demo_task(n_train=500, n_test=100, seed=1)[0] != train
     # the first row is pinned so a change to the generator shows up as a test failure
     assert train[0]["messages"][1:] == [
-        {"role": "user", "content": "Aged 24, Arjun Fischer left for Warsaw in the spring of 2011."},
-        {"role": "assistant", "content": '{"name":"Arjun Fischer","age":24,"city":"Warsaw","year":2011}'},
+        {"role": "user", "content": "Felix Vudraitro is 55 and has lived in Shustir since 1998."},
+        {"role": "assistant", "content": '{"name":"Felix Vudraitro","age":55,"city":"Shustir","year":1998}'},
     ]
+
+
+def test_about_half_the_training_values_are_invented(task):
+    from qlora.demo_task import _REAL
+
+    train, test = task
+    slots = [v for r in train for v in (*_record(r)["name"].split(), _record(r)["city"])]
+    invented = sum(v not in _REAL for v in slots) / len(slots)
+    assert 0.4 < invented < 0.6
+    assert all(v in _REAL for r in test for v in (*_record(r)["name"].split(), _record(r)["city"]))
 
 
 def test_rows_are_chat_with_a_compact_json_answer_copied_from_the_sentence(task):

@@ -62,6 +62,7 @@ class Arch:
     gemma_norm: bool = False  # RMSNorm scales by (1 + w) in fp32, a fresh tensor per call
     positions: int = 0  # rows of a learned position table (gpt2)
     dropout: float = 0.0  # gpt2's attention/residual dropout in training
+    softcap: bool = False  # final_logit_softcapping: the loss keeps tanh's output per chunk
 
     def linears(self) -> tuple[LinearSpec, ...]:
         """The linear layers of one block, as the model builds them."""
@@ -135,6 +136,7 @@ def arch_from_config(cfg: dict, source: str = "model config") -> Arch:
         qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")), o_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)), norms_per_layer=4 if gemma else 2,
         qk_norm=mtype in ("gemma3", "gemma3_text", "qwen3"), gemma_norm=gemma,
+        softcap=bool(cfg.get("final_logit_softcapping")),
     )
 
 

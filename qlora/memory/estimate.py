@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import QloraError
+from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
 from ..quant.state import NESTED_BLOCKSIZE
 from .arch import Arch, LinearSpec, arch_from_config
@@ -33,8 +34,11 @@ DEQUANT_COPIES = 2
 # from them before qlora quantizes it (qlora.hf._load_whole); safetensors checkpoints stream in one
 # tensor at a time (qlora.hf._load_streaming), the largest one as file pages and a 16-bit copy.
 LOAD_BYTES_PER_PARAM_GGUF = 4  # + the compute dtype
-# The loss upcasts target-position logits to fp32 (4 bytes/vocab entry); cross-entropy saves its
-# fp32 log-softmax (4); backward holds that, the incoming gradient and the result at once (4 + 4 + 4).
+# The loss through a frozen head (qlora.nn.loss) works on LOSS_CHUNK_TOKENS target positions at a
+# time: their logits in the compute dtype and in fp32 (softmax in place), plus tanh's output for a
+# softcapped head; it keeps dL/dh for every target (compute dtype). A quantized head takes the
+# plain path: fp32 logits (4 bytes/vocab entry), cross-entropy's fp32 log-softmax (4), and in
+# backward the incoming gradient and the result at once (4 + 4 + 4).
 LOSS_BYTES_PER_VOCAB = 12
 
 
@@ -201,15 +205,16 @@ def _attention_bytes(arch: Arch, s: Settings) -> int:
 
 
 def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
-    """(per token, per layer fixed) saved by LoRALinear: y = base(x) + s·B(A(dropout(x))) computed
-    in the activation dtype. Dropout saves its noise (compute dtype on CPU, a bool mask on CUDA) and
-    A saves each dropped input; without dropout, linears reading the same tensor save it once (the
-    attention output is SDPA's saved output). B saves A's r outputs. A and B are cast to the
-    compute dtype once per forward and the casts are saved."""
+    """(per token, per layer fixed) saved by LoRALinear, y = base(x) + s·B(A(dropout(x))) in the
+    activation dtype. Over a 4-bit base the whole layer is one autograd function (nn.lora._LoRA4bit)
+    that saves its input x, re-deriving the dropout mask from a seed: linears reading the same
+    tensor save it once (the attention output is SDPA's saved output), whatever the dropout. Over a
+    16-bit base, A saves each dropped input when dropout is on (the mask itself is never stored).
+    Either way each linear saves A's r outputs, and A and B cast to the compute dtype once per
+    forward (the casts are saved)."""
     specs, c, r = _lora_specs(arch, s), s.c, s.lora_r
-    if s.lora_dropout > 0:
-        mask = c if s.device == "cpu" else 1
-        per_token = sum((c + mask) * x.in_features for x in specs)
+    if s.lora_dropout > 0 and s.quant_type == "bf16":
+        per_token = sum(c * x.in_features for x in specs)
     else:
         inputs = {x.group: x.in_features for x in specs}
         if s.attention == "sdpa" and not arch.gpt2_style:
@@ -256,6 +261,13 @@ def _load_peak(arch: Arch, s: Settings, weights: int, overhead: int, source_form
     return overhead + weights + largest * (4 + s.c)
 
 
+def _loss_bytes(arch: Arch, s: Settings) -> int:
+    targets = s.batch_size * s.targets_per_seq
+    if s.quantize_head:
+        return LOSS_BYTES_PER_VOCAB * arch.vocab * targets
+    return min(targets, LOSS_CHUNK_TOKENS) * arch.vocab * (s.c + 4 + 4 * arch.softcap) + targets * arch.hidden * s.c
+
+
 def estimate(model_config: dict, **settings) -> Breakdown:
     """Peak training memory for `model_config` (an HF config.json dict). Keywords: the fields of
     `Settings` (quant_type "bf16" = plain 16-bit LoRA; optimizer_memory_budget in bytes caps the
@@ -284,7 +296,7 @@ def estimate(model_config: dict, **settings) -> Breakdown:
         optimizer_states=resident, optimizer_paged_out=opt_total - resident, optimizer_largest_page=max(pages),
         activations=with_ckpt if s.gradient_checkpointing else without,
         activations_without_checkpointing=without, activations_with_checkpointing=with_ckpt,
-        logits=LOSS_BYTES_PER_VOCAB * arch.vocab * s.batch_size * s.targets_per_seq,
+        logits=_loss_bytes(arch, s),
         dequant_workspace=0 if s.quant_type == "bf16" else DEQUANT_COPIES * s.c * largest,
         framework_overhead=overhead,
         load_peak=_load_peak(arch, s, codes + scales + w16, overhead, model_config.get("_format")),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dropout as seeded
 from .linear4bit import Linear4bit
 
 
@@ -30,7 +31,8 @@ class LoRALinear(nn.Module):
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        seeded.threshold(dropout)  # validates 0 <= p < 1
+        self.dropout = dropout
         self.reset_parameters()
         for p in base.parameters():
             p.requires_grad_(False)
@@ -40,10 +42,15 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        p = self.dropout if self.training else 0.0
+        base = self.base
+        if isinstance(base, Linear4bit) and x.dtype == base.compute_dtype and torch.is_grad_enabled():
+            return _LoRA4bit.apply(x, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
+                                   seeded.draw_seed() if p > 0 else 0)
+        y = base(x)
         a = self.lora_A.weight.to(x.dtype)  # (r, in): computed in the activation dtype,
         b = self.lora_B.weight.to(x.dtype)  # gradients flow back to the fp32 parameters
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        return y + F.linear(F.linear(seeded.dropout(x, p), a), b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, shape (out, in)."""
@@ -68,7 +75,48 @@ class LoRALinear(nn.Module):
         return merged
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+
+
+class _LoRA4bit(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for a Linear4bit base, in one function (the training path).
+
+    Versus composing base(x) + B(A(dropout(x)))·s under autograd: the LoRA product lands in the
+    base output with one addmm (no separate scale and add passes over (tokens, out)); the
+    dropout mask is re-derived from its seed in backward rather than kept; and what is saved is x
+    itself, which q/k/v (and gate/up) share, plus the (tokens, r) product, instead of a dropped
+    copy of x per layer. W is dequantized again in backward, as in _Matmul4bit."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        xa = (seeded.apply(x2, p, seed) if p > 0 else x2) @ a.t()  # (T, r)
+        w = layer.transient_weight(x.dtype)  # (out, in)
+        y = torch.mm(x2, w.t()) if layer.bias is None else torch.addmm(layer.bias, x2, w.t())
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, xa, a, b)
+        ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, a, b = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        gxa = torch.mm(g, b) * s  # (T, r): dL/d(xa)
+        grad_b = torch.mm(g.t(), xa).mul_(s) if ctx.needs_input_grad[2] else None  # (out, r)
+        grad_a = torch.mm(gxa.t(), seeded.apply(x2, p, ctx.seed) if p > 0 else x2) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            lora_gx = torch.mm(gxa, a)  # (T, in), through the dropout mask
+            lora_gx = seeded.apply(lora_gx, p, ctx.seed) if p > 0 else lora_gx
+            grad_x = torch.addmm(lora_gx, g, ctx.layer.transient_weight(g.dtype)).view(x.shape)
+        da, db = ctx.param_dtypes
+        return (grad_x, None if grad_a is None else grad_a.to(da), None if grad_b is None else grad_b.to(db),
+                None, None, None, None)
 
 
 def _root_dtype(layer: "LoRALinear") -> torch.dtype:

@@ -1,7 +1,7 @@
 """The CPU fast path: C++/SIMD kernels for blockwise quantization, bit-identical to blockwise.py.
 
-csrc/quant_cpu.cpp has no torch dependency. It is compiled once per machine with the system C++
-compiler (about 2 s) into $QLORA_KERNEL_CACHE or ~/.cache/qlora/kernels/<key>/ and called
+csrc/*.cpp (4-bit and 8-bit quantization; seeded dropout for LoRA) have no torch dependency. They
+are compiled once per machine with the system C++ compiler (about 2 s) into $QLORA_KERNEL_CACHE or ~/.cache/qlora/kernels/<key>/ and called
 through ctypes with raw pointers. Compared with torch.utils.cpp_extension this needs neither ninja
 nor pybind11, builds ~30x faster than a translation unit that includes the torch headers, and
 keeps working across torch upgrades. `-march=native` tunes the library to this CPU, so the cache
@@ -34,7 +34,7 @@ import torch
 from . import blockwise as ref
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCE = _CSRC / "quant_cpu.cpp"
+_SOURCES = sorted(_CSRC.glob("*.cpp"))  # quant_cpu.cpp, dropout_cpu.cpp: one library
 # -ffp-contract=off: an FMA would skip a rounding the reference performs (see the .cpp header).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
 _OPENMP = ("-fopenmp",)  # dropped (single-threaded kernels) where the compiler lacks OpenMP
@@ -89,13 +89,13 @@ def build(portable: bool = False) -> Path:
     extra = ("-DQLORA_PORTABLE",) if portable else ()
     errors = []
     for openmp in (_OPENMP, ()):
-        proc = subprocess.run([*shlex.split(cxx), *_FLAGS, *openmp, *extra, str(_SOURCE), "-o", str(tmp)],
+        proc = subprocess.run([*shlex.split(cxx), *_FLAGS, *openmp, *extra, *map(str, _SOURCES), "-o", str(tmp)],
                               capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, path)
             return path
         errors.append(proc.stderr.strip()[-1500:])
-    raise RuntimeError(f"{cxx} could not build {_SOURCE.name}:\n" + "\n".join(errors))
+    raise RuntimeError(f"{cxx} could not build {', '.join(p.name for p in _SOURCES)}:\n" + "\n".join(errors))
 
 
 def kernels(portable: bool = False) -> CpuKernels | None:
@@ -152,6 +152,7 @@ class CpuKernels:
         lib.qlora_quantize_8bit.argtypes = [p, i64, i64, p, p, p, i32]
         lib.qlora_quantize_8bit.restype = i64
         lib.qlora_dequantize_8bit.argtypes = [p, p, p, i64, i64, p, i32]
+        lib.qlora_dropout.argtypes = [p, p, i64, i32, ctypes.c_uint32, f32, ctypes.c_uint32, i32]
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
 
@@ -236,6 +237,13 @@ class CpuKernels:
         out = self._empty(q.shape, torch.float32)
         self._lib.qlora_dequantize_8bit(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
                                         out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
+        """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py)."""
+        out = torch.empty_like(x)
+        self._lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], threshold, scale, seed,
+                                torch.get_num_threads())
         return out
 
 

@@ -66,3 +66,53 @@ def test_nested_adapters_merge():
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(torch.nn.Linear(4, 4), r=0)
+
+
+def _composed(layer: LoRALinear, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The LoRA formula written out under autograd: dequantized base + s·B·A·drop(x)."""
+    from qlora.nn import dropout as D
+
+    base = layer.base
+    w = base.dequantized_weight(x.dtype)
+    xd = D._SeededDropout.apply(x, layer.dropout, seed) if seed is not None else x
+    a, b = layer.lora_A.weight.to(x.dtype), layer.lora_B.weight.to(x.dtype)
+    return torch.nn.functional.linear(x, w, base.bias) + (xd @ a.t() @ b.t()) * layer.scaling
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fused_4bit_training_path_matches_the_formula(dtype, tol, p):
+    """LoRALinear over Linear4bit trains through one autograd function (_LoRA4bit): output and
+    gradients for x, A and B equal the composed formula with the same dropout mask."""
+    from qlora.nn import dropout as D
+
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(128, 96), compute_dtype=dtype)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=p)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 96, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        y = layer(x) if fused else _composed(layer, x, D.draw_seed() if p > 0 else None)
+        y.backward(g)
+        results.append([y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+        x.grad = None
+        layer.zero_grad()
+    assert layer.lora_A.weight.dtype == torch.float32  # fp32 parameters, fp32 gradients
+    assert results[0][2].dtype == torch.float32 and results[0][3].dtype == torch.float32
+    for fused, composed in zip(*results):
+        rel = ((fused.float() - composed.float()).norm() / composed.float().norm()).item()
+        assert rel < tol, rel
+
+
+def test_eval_mode_disables_dropout():
+    torch.manual_seed(0)
+    layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(32, 16)), r=4, alpha=8, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
