@@ -170,3 +170,21 @@ def test_generate_command_streams_one_prompt(tiny, live, capsys):
     assert main(["generate", "--model", tiny[0], "--adapter", tiny[1], "--raw", "--max-new-tokens", "7", "hello"]) == 0
     model, tok = live
     assert capsys.readouterr().out == generate(model, tok, "hello", GenerationSettings(max_new_tokens=7)) + "\n"
+
+
+def test_generate_command_system_message(tiny, live, tmp_path, capsys):
+    # a finetune trained with a system message (the demo's) is asked the same way from the command line
+    model, tok = live
+    system, s = "Extract the name as JSON.", GenerationSettings(max_new_tokens=7)
+    argv = ["generate", "--model", tiny[0], "--adapter", tiny[1], "--max-new-tokens", "7", "--system", system, "hello"]
+    assert main(argv) == 0
+    want = generate(model, tok, [{"role": "system", "content": system}, {"role": "user", "content": "hello"}], s)
+    assert capsys.readouterr().out == want + "\n"
+    prompts = tmp_path / "prompts.jsonl"
+    own = [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]
+    prompts.write_text(json.dumps({"messages": own}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    assert main(argv[:-1] + ["--prompts", str(prompts)]) == 0
+    got = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+    assert got == [generate(model, tok, own, s), want]  # a row's own system message is kept
+    assert main(argv[:-1] + ["--raw", "hello"]) == 2
+    assert "--system" in capsys.readouterr().err

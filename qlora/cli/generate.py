@@ -68,6 +68,8 @@ def register(sub) -> None:
     p.add_argument("--prompts", metavar="FILE.jsonl", help="one prompt per line (prompt or messages)")
     p.add_argument("--output", metavar="FILE.jsonl", help="write results here (default: stdout)")
     p.add_argument("--raw", action="store_true", help="feed prompt text as-is, without the chat template")
+    p.add_argument("--system", metavar="TEXT",
+                   help="system message before each prompt (a \"messages\" row with its own system message keeps it)")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -76,20 +78,22 @@ def register(sub) -> None:
 def run(args) -> int:
     if (args.prompt is None) == (args.prompts is None):
         raise QloraError("give either a PROMPT or --prompts FILE.jsonl (exactly one)")
+    if args.system is not None and args.raw:
+        raise QloraError("--system needs the chat template; drop --raw, or write the system text into the prompt")
     settings = settings_from(args)
     rows = [{"prompt": args.prompt}] if args.prompts is None else read_prompts(args.prompts)
     model, tokenizer = load_from(args)
     from ..generate import generate, stream
 
     if args.prompts is None and args.output is None:  # one prompt to the terminal: stream it
-        for delta in stream(model, tokenizer, _prompt(rows[0], args.raw, tokenizer), settings):
+        for delta in stream(model, tokenizer, _prompt(rows[0], args.raw, tokenizer, args.system), settings):
             print(delta.text, end="", flush=True)
         print()
         return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for i, row in enumerate(rows):
-            text = generate(model, tokenizer, _prompt(row, args.raw, tokenizer), settings)
+            text = generate(model, tokenizer, _prompt(row, args.raw, tokenizer, args.system), settings)
             out.write(json.dumps({**row, "completion": text}, ensure_ascii=False) + "\n")
             out.flush()
             if args.output:
@@ -100,12 +104,17 @@ def run(args) -> int:
     return 0
 
 
-def _prompt(row: dict, raw: bool, tokenizer):
+def _prompt(row: dict, raw: bool, tokenizer, system: str | None = None):
+    # without a system message some templates (SmolLM2's) insert their own default one
+    head = [{"role": "system", "content": system}] if system is not None else []
     if "messages" in row:
-        return row["messages"]
+        messages = row["messages"]
+        return messages if messages[0]["role"] == "system" else head + messages
     if raw or not getattr(tokenizer, "chat_template", None):
+        if system is not None:
+            raise QloraError("--system needs a chat template, and this tokenizer has none")
         return row["prompt"]
-    return [{"role": "user", "content": row["prompt"]}]
+    return head + [{"role": "user", "content": row["prompt"]}]
 
 
 def read_prompts(path: str) -> list[dict]:
