@@ -121,9 +121,11 @@ def table(rows: list[dict]) -> str:
     return markdown_table(headers, body)
 
 
-def plot(rows: list[dict], path: str, title: str = "") -> None:
-    """Perplexity and mean zero-shot accuracy against bits per parameter (PNG). A bare Figure, not
-    pyplot: no GUI backend and no global state, so it works headless and inside notebooks alike."""
+def plot(rows: list[dict], path: str, title: str = ""):
+    """Perplexity and mean zero-shot accuracy against bits per parameter (PNG); returns the Figure.
+    A bare Figure, not pyplot: no GUI backend and no global state, so it works headless and inside
+    notebooks alike. Formats that land on the same point (same bits, same accuracy on a small
+    subset) share one label, "a = b", instead of printing over each other."""
     from matplotlib.figure import Figure
 
     panels = [("perplexity", "perplexity (lower is better)")]
@@ -132,12 +134,15 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     fig = Figure(figsize=(6 * len(panels), 4.5))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
+        points: dict[tuple[float, float], list[str]] = {}
         for r in rows:
             if r["quant_type"] == "bf16":  # 16 bits is far off the 4-bit cluster: a reference line
                 ax.axhline(r[key], color="black", linestyle="--", linewidth=1, label=f"{r['datatype']} (16 bits)")
                 continue
             ax.scatter(r["bits_per_param"], r[key], color="tab:blue" if "nf4" in r["datatype"] else "tab:gray")
-            ax.annotate(r["datatype"], (r["bits_per_param"], r[key]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            points.setdefault((round(r["bits_per_param"], 6), round(r[key], 6)), []).append(r["datatype"])
+        for xy, names in points.items():
+            ax.annotate(" = ".join(names), xy, fontsize=8, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel("bits per parameter (4-bit linear weights, measured)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -146,3 +151,4 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     fig.suptitle(title or "4-bit data types")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,18 @@
+"""The data-type study's plot (qlora.evaluate.datatypes.plot)."""
+
+from qlora.evaluate.datatypes import plot
+
+
+def _row(name, quant_type, bits, ppl, acc):
+    return dict(datatype=name, quant_type=quant_type, bits_per_param=bits, perplexity=ppl, zero_shot_mean=acc)
+
+
+def test_plot_gives_coinciding_points_one_label(tmp_path):
+    # on a 10-question subset two formats often tie exactly: one "a = b" label, not two printed over each other
+    rows = [_row("bf16", "bf16", 16.0, 29.2, 0.50), _row("nf4@64", "nf4", 4.5, 37.1, 0.52),
+            _row("fp4@64", "fp4", 4.5, 41.3, 0.52), _row("int4@64", "int4", 4.5, 42.4, 0.44)]
+    fig = plot(rows, str(tmp_path / "dt.png"))
+    ppl_ax, acc_ax = fig.axes
+    assert sorted(t.get_text() for t in ppl_ax.texts) == ["fp4@64", "int4@64", "nf4@64"]
+    assert sorted(t.get_text() for t in acc_ax.texts) == ["int4@64", "nf4@64 = fp4@64"]
+    assert (tmp_path / "dt.png").stat().st_size > 1000
