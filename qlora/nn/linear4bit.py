@@ -21,6 +21,9 @@ from ..quant.state import NESTED_BLOCKSIZE
 # into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
 # function saves no tensor), and it saves an allocation and its page faults per matmul.
 _SCRATCH: dict = {}
+# Up to this many rows (tokens) a no-grad forward on CPU multiplies by the 4-bit codes directly
+# (kernels.matmul_4bit); longer inputs (prefill, scoring) dequantize once and use a bf16 matmul.
+DECODE_ROWS = 16
 
 
 def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -82,9 +85,21 @@ class Linear4bit(nn.Module):
         bias = self.bias
         if torch.is_grad_enabled() and x.requires_grad:
             y = _Matmul4bit.apply(x, self, bias)
+        elif x.numel() <= DECODE_ROWS * self.in_features and x.device.type == "cpu":
+            y = self._decode(x, bias)
         else:
             y = F.linear(x, self.transient_weight(x.dtype), bias)
         return y.to(out_dtype)
+
+    def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A few tokens (generation): multiply by the 4-bit codes directly (fp32 weights and
+        accumulation), reading the weight once instead of writing and re-reading a 16-bit copy."""
+        q = self.weight
+        nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
+        y = kernels.matmul_4bit(x.reshape(-1, self.in_features), q.data, q.absmax, q.code, q.blocksize, q.shape, nested)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         q = self.weight

@@ -152,6 +152,7 @@ class CpuKernels:
         lib.qlora_quantize_8bit.argtypes = [p, i64, i64, p, p, p, i32]
         lib.qlora_quantize_8bit.restype = i64
         lib.qlora_dequantize_8bit.argtypes = [p, p, p, i64, i64, p, i32]
+        lib.qlora_gemm_4bit.argtypes = [p, i64, i64, p, p, p, p, p, f32, i64, p, i64, i64, p, i32]
         lib.qlora_dropout.argtypes = [p, p, i64, i32, ctypes.c_uint32, f32, ctypes.c_uint32, i32]
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
@@ -237,6 +238,26 @@ class CpuKernels:
         out = self._empty(q.shape, torch.float32)
         self._lib.qlora_dequantize_8bit(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
                                         out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def gemm_4bit(self, x, packed, absmax, code, blocksize, shape, nested=None) -> torch.Tensor | None:
+        """x (m, k) · Wᵀ in fp32 for a 4-bit W of `shape` (n_out, k), reading the codes once for all m
+        rows (decoding). None when the layout does not allow it (k % blocksize or blocksize % 16)."""
+        n_out, k = shape
+        if x.dim() != 2 or x.shape[1] != k or k % blocksize or blocksize % 16:
+            return None
+        x = x.float().contiguous()
+        code = code.float().contiguous()
+        if nested is None:
+            offset, nested_bs = 0.0, 1
+            scales = (absmax.float().contiguous(), None, None, None)
+        else:
+            nested_absmax, nested_code, offset, nested_bs = nested
+            scales = (None, absmax.contiguous(), nested_absmax.float().contiguous(), nested_code.float().contiguous())
+        out = torch.empty(x.shape[0], n_out, dtype=torch.float32)
+        self._lib.qlora_gemm_4bit(x.data_ptr(), x.shape[0], k, packed.contiguous().data_ptr(),
+                                  *(None if t is None else t.data_ptr() for t in scales), float(offset), nested_bs,
+                                  code.data_ptr(), n_out, blocksize, out.data_ptr(), torch.get_num_threads())
         return out
 
     def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:

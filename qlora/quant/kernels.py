@@ -53,6 +53,18 @@ def dequantize_4bit_into(out: torch.Tensor, packed, absmax, code, blocksize, nes
     return out.copy_(ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, out.shape, out.dtype))
 
 
+def matmul_4bit(x: torch.Tensor, packed, absmax, code, blocksize, shape, nested: Nested | None = None) -> torch.Tensor:
+    """x (m, k) · Wᵀ as fp32 (m, n_out), W = the 4-bit weight of `shape` in fp32 (code · scale, no
+    16-bit rounding). The CPU kernel reads the codes once for all rows — the decode path for a
+    handful of tokens; elsewhere, dequantize in fp32 and multiply."""
+    k = _fast(x, packed, absmax)
+    out = k.gemm_4bit(x, packed, absmax, code, blocksize, tuple(shape), nested) if k else None
+    if out is not None:
+        return out
+    w = dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32, nested)
+    return x.float() @ w.t()
+
+
 def _scales(absmax: torch.Tensor, nested: Nested | None) -> torch.Tensor:
     if nested is None:
         return absmax
