@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,12 +254,17 @@ def fit(run: Run, progress: bool = True) -> dict:
                                                          qlora_version=__version__), cfg.save_total_limit))
                 distributed.barrier()
     bar.close()
+    opt_stats = opt.stats()  # state size, and what paging cost: bytes in/out, evictions, stall time
     opt.close()
     if main:
         _publish_adapter(model, out, cfg)
         _plot(metrics_path, out / "loss.png")
+        if opt_stats.get("bytes_out"):
+            print(f"optimizer {opt_stats['kind']}: {opt_stats['state_bytes'] / 2**20:.1f} MiB of state, paged "
+                  f"{opt_stats['bytes_in'] / 2**20:.0f} MiB in / {opt_stats['bytes_out'] / 2**20:.0f} MiB out, "
+                  f"waited {opt_stats['stall_s']:.2f} s", file=sys.stderr)
     return {"steps": step, "skipped_steps": skipped, "output_dir": str(out), "checkpoint": last_good,
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "peak_rss_mb": round(peak_rss_mb(), 1), "optimizer": opt_stats}
 
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:

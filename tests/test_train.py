@@ -179,3 +179,12 @@ def test_cli_bad_input_one_line_nonzero_exit_nothing_written(tiny_llama, tmp_pat
     assert r.returncode == 2
     assert match in r.stderr
     assert not out.exists()
+
+
+def test_summary_reports_what_paging_cost(tiny_llama, tmp_path, capsys):
+    out = fit(setup(_cfg(tmp_path, tiny_llama, max_steps=2, optimizer="paged_adamw",
+                         optimizer_memory_budget="8KB")), progress=False)
+    stats = out["optimizer"]
+    assert stats["kind"] == "paged_adamw" and stats["step"] == 2
+    assert stats["bytes_out"] > 0 and stats["bytes_in"] > 0 and stats["peak_resident_bytes"] <= 8000
+    assert "optimizer paged_adamw:" in capsys.readouterr().err
