@@ -51,9 +51,11 @@ def run_qlora(steps: int, warmup: int) -> dict:
     import torch
 
     from qlora import hf
+    from qlora.memory import return_freed_memory
     from qlora.optim import build_optimizer
     from qlora.train import loss_sum
 
+    return_freed_memory()  # as `qlora train` does before loading
     model, _ = hf.load(model_dir(), lora=dict(r=R, alpha=ALPHA, dropout=0.05))
     model.train()
     ids = batch_ids(model.config.vocab_size)
