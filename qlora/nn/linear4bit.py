@@ -87,21 +87,26 @@ class Linear4bit(nn.Module):
         bias = self.bias
         if torch.is_grad_enabled() and x.requires_grad:
             y = _Matmul4bit.apply(x, self, bias)
-        elif x.numel() <= DECODE_ROWS * self.in_features and x.device.type == "cpu":
-            y = self._decode(x, bias)
+        elif self.decodes(x):
+            y = self.decode_fp32(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.transient_weight(x.dtype), bias)
         return y.to(out_dtype)
 
-    def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """A few tokens (generation): multiply by the 4-bit codes directly (fp32 weights and
-        accumulation), reading the weight once instead of writing and re-reading a 16-bit copy."""
+    def decodes(self, x: torch.Tensor) -> bool:
+        """Whether a no-grad forward of x takes the few-token path (decode_fp32)."""
+        return x.numel() <= DECODE_ROWS * self.in_features and x.device.type == "cpu"
+
+    def decode_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, out) fp32 for x (rows, in), few rows (generation): multiplies by the 4-bit codes
+        directly (fp32 weights and accumulation), reading the weight once instead of writing and
+        re-reading a 16-bit copy. Bias included."""
         q = self.weight
         nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
-        y = kernels.matmul_4bit(x.reshape(-1, self.in_features), q.data, q.absmax, q.code, q.blocksize, q.shape, nested)
-        if bias is not None:
-            y += bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = kernels.matmul_4bit(x, q.data, q.absmax, q.code, q.blocksize, q.shape, nested)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
     def extra_repr(self) -> str:
         q = self.weight

@@ -116,3 +116,21 @@ def test_eval_mode_disables_dropout():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+def test_few_token_no_grad_path_is_the_fp32_formula():
+    """Generation (no grad, <= DECODE_ROWS tokens on CPU): base from the 4-bit codes and LoRA from
+    the fp32 adapter weights, all in fp32, one cast to the activation dtype at the end."""
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(128, 48), compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.1).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(1, 2, 128, dtype=torch.bfloat16)
+    w = base.dequantized_weight(torch.float32)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    expected = x.float() @ w.t() + base.bias.float() + 2.0 * (x.float() @ a.t() @ b.t())
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0.02)

@@ -1,0 +1,142 @@
+"""Decode speed, batch 1, greedy: qlora (NF4 base + live adapter) vs transformers + bitsandbytes NF4
+(+ PEFT for the adapter) on the same model, in the same run.
+
+    python benchmarks/bench_decode.py [--adapter DIR] [--model DIR] [--new-tokens 128] [--repeats 3]
+                                      [--dtype bfloat16] [--threads N]
+
+Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) after the same chat
+prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
+tokens/s is (n - 1) / (time of the last token - time of the first), so the prompt's prefill is
+apart. The two take turns `--repeats` times; the median is reported, with the process CPU time
+per token (what a shared, busy machine distorts least). Both quantize the base to NF4, blocksize 64,
+double quantization, compute dtype --dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from qlora import hf
+from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
+
+PROMPT = [{"role": "system", "content": "Extract the person's name, age, city and year as JSON."},
+          {"role": "user", "content": "In 2018, 79-year-old Victor Sharma relocated to Sydney."}]
+
+
+def time_tokens(run) -> tuple[list[int], list[float], float]:
+    """Token ids, the wall time each came out at (from the call), and the CPU seconds of the call."""
+    stamps, t0, c0 = [], time.perf_counter(), time.process_time()
+    tokens = [tok for tok in run(lambda: stamps.append(time.perf_counter() - t0))]
+    return tokens, stamps, time.process_time() - c0
+
+
+def qlora_runner(model, ids, n):
+    def run(mark):
+        for tok in sample(model, ids, GenerationSettings(max_new_tokens=n), n):
+            mark()
+            yield tok
+    return run
+
+
+def peer_runner(model, ids, n):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Marks(BaseStreamer):
+        def __init__(self, mark):
+            self.mark, self.first, self.out = mark, True, []
+
+        def put(self, value):
+            if self.first:  # generate() hands the prompt over first
+                self.first = False
+                return
+            self.mark()
+            self.out.append(int(value.reshape(-1)[0]))
+
+        def end(self):
+            pass
+
+    def run(mark):
+        s = Marks(mark)
+        with torch.inference_mode():
+            model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=s,
+                           pad_token_id=model.config.eos_token_id)
+        return s.out
+    return run
+
+
+def load_peer(model: str | None, adapter: str | None, dtype: torch.dtype, tmp: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_dir, gguf_file = hf.resolve(model)
+    if gguf_file:  # bitsandbytes quantizes on load from safetensors: write the GGUF's weights as such once
+        from transformers import GgufConfig
+
+        AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=dtype,
+                                             quantization_config=GgufConfig(dequantize=True)).save_pretrained(tmp)
+        model_dir = tmp
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    net = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=dtype, device_map="cpu")
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    return net.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="base model: directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", help="PEFT-format adapter directory (default: none, the base alone)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype, n = getattr(torch, args.dtype), args.new_tokens
+    adapters = [args.adapter] if args.adapter else []
+    ours, tokenizer = load_model(args.model, adapters, "nf4", dtype)
+    ours.eval()
+    ids = encode_prompt(tokenizer, PROMPT)
+    runners = {"qlora (NF4 + live adapter)": qlora_runner(ours, ids, n)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+            peer = load_peer(args.model, args.adapter, dtype, tmp)
+        runners["transformers + bitsandbytes NF4" + (" + PEFT" if adapters else "")] = peer_runner(peer, ids, n)
+    except ImportError as e:
+        print(f"(no peer row: {e})")
+    print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, prompt {len(ids)} tokens, {n} new tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
+    results = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():  # taking turns: a busy machine slows both alike
+            results[name].append(time_tokens(run))
+    print(f"load avg after: {os.getloadavg()[0]:.1f}\n")
+    print("| implementation | decode tokens/s (median) | first token incl. prefill (ms) | CPU per token (ms) |")
+    print("|---|---:|---:|---:|")
+    rates = {}
+    for name, runs in results.items():
+        rates[name] = statistics.median((len(s) - 1) / (s[-1] - s[0]) for _, s, _ in runs)
+        first = statistics.median(s[0] for _, s, _ in runs)
+        cpu = statistics.median(c / len(s) for _, s, c in runs)
+        print(f"| {name} | {rates[name]:.1f} | {first * 1e3:.0f} | {cpu * 1e3:.1f} |")
+    names = list(results)
+    if len(names) == 2:
+        a, b = (results[k][0][0] for k in names)
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[names[1]]:.2f}x; "
+              f"greedy tokens identical for the first {same} of {n}")
+    print("answer (qlora):", repr(tokenizer.decode(results[names[0]][0][0], skip_special_tokens=True)[:200]))
+
+
+if __name__ == "__main__":
+    main()
