@@ -21,6 +21,7 @@ from qlora.memory import (
 )
 from qlora.memory.allocator import return_freed_memory
 from qlora.memory.estimate import LOSS_CHUNK_TOKENS
+from qlora.nn import linear4bit
 from qlora.tiny import ARCHS, save_tiny, tiny_model
 
 # The paper's setting (section 4 / figure 6): NF4 + DQ, LoRA r=64 on every linear layer, batch 1 of 512
@@ -165,6 +166,9 @@ def _peak_of_step(gradient_checkpointing: bool) -> tuple[int, object]:
     mask = torch.ones_like(ids)
     mask[-1, :9] = 0
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    # the shared dequantization scratch must be born inside the measured step: one left by an
+    # earlier test (sized for another model) would be counted whole the first time it is sliced
+    linear4bit._SCRATCH.clear()
     weights = [*model.parameters(), *model.buffers()]
     weights += [t for m in model.modules() if isinstance(m, hf.Linear4bit)
                 for t in vars(m.weight).values() if isinstance(t, torch.Tensor)]
