@@ -475,11 +475,13 @@ void qlora_dequantize_8bit(const uint8_t* q, const float* absmax, const float* c
 void qlora_gemm_4bit(const float* x, int64_t m, int64_t k, const uint8_t* packed, const float* absmax,
                      const uint8_t* qabsmax, const float* nested_absmax, const float* code8, float offset,
                      int64_t nested_bs, const float* code, int64_t n_out, int64_t bs, float* out, int nthreads) {
-  // output rows split across threads; one pass over the weight serves up to 8 rows of x
+  // One thread, no OpenMP region: decode calls this per layer per token, often from a server's
+  // handler thread, and with an (even inactive) OpenMP region there `qlora serve` sometimes ended
+  // in std::terminate at exit (~1 in 7 SIGTERMs mid-stream). One pass over the weight serves up
+  // to 8 rows of x.
   const int64_t chunk = 16;
   const int64_t nchunks = (n_out + chunk - 1) / chunk;
-  const bool parallel = nthreads > 1 && n_out * k >= (int64_t(1) << 18);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
+  (void)nthreads;  // single-threaded: see below
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t o0 = c * chunk, o1 = std::min(n_out, o0 + chunk);
     for (int64_t r = 0; r < m;) {
