@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
         if isinstance(base, Linear4bit) and x.dtype == base.compute_dtype and torch.is_grad_enabled():
             return _LoRA4bit.apply(x, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
                                    seeded.draw_seed() if p > 0 else 0)
-        if isinstance(base, Linear4bit) and not torch.is_grad_enabled() and base.decodes(x):
+        if isinstance(base, Linear4bit) and not torch.is_grad_enabled() and p == 0.0 and base.decodes(x):
             # generation: base and LoRA in fp32 from the fp32 adapter weights, one cast at the end
             # (per token, casting A and B to bf16 and two tiny bf16 GEMMs cost more than the layer)
             x2 = x.reshape(-1, self.in_features).float()
