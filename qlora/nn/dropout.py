@@ -14,11 +14,9 @@ computes the same bits and is tested against it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..quant import fast
+from ..quant import kernels
 
 _M32 = 0xFFFFFFFF
 
@@ -56,11 +54,7 @@ def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def _kernel(x: torch.Tensor):
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if os.environ.get("QLORA_REFERENCE_KERNELS", "0") not in ("", "0"):
-        return None
-    return fast.kernels()
+    return kernels.cpu_kernels(x) if x.dtype in (torch.float32, torch.bfloat16) else None
 
 
 class _SeededDropout(torch.autograd.Function):

@@ -15,7 +15,6 @@ from torch import nn
 
 from .. import quant
 from ..quant import QuantizedTensor, kernels
-from ..quant.state import NESTED_BLOCKSIZE
 
 # One scratch buffer per (dtype, device), sized to the largest weight seen: every layer dequantizes
 # into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
@@ -77,9 +76,8 @@ class Linear4bit(nn.Module):
     def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in the shared scratch buffer: valid until the next layer's call."""
         q = self.weight
-        nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
         out = _scratch(q.shape, dtype, q.data.device)
-        return kernels.dequantize_4bit_into(out, q.data, q.absmax, q.code, q.blocksize, nested)
+        return kernels.dequantize_4bit_into(out, q.data, q.absmax, q.code, q.blocksize, q.nested)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
@@ -102,8 +100,7 @@ class Linear4bit(nn.Module):
         directly (fp32 weights and accumulation), reading the weight once instead of writing and
         re-reading a 16-bit copy. Bias included."""
         q = self.weight
-        nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
-        y = kernels.matmul_4bit(x, q.data, q.absmax, q.code, q.blocksize, q.shape, nested)
+        y = kernels.matmul_4bit(x, q.data, q.absmax, q.code, q.blocksize, q.shape, q.nested)
         if self.bias is not None:
             y += self.bias
         return y

@@ -139,6 +139,16 @@ def _nonfinite(flat: torch.Tensor, blocksize: int) -> ValueError:
     return ValueError("tensor contains NaN or Inf; fix the values before quantizing")
 
 
+def _scale_args(absmax: torch.Tensor, nested) -> tuple[tuple, float, int]:
+    """The block-scale arguments of the 4-bit kernels: (absmax fp32, qabsmax, nested_absmax, code8)
+    with the unused ones None, the DQ offset and the nested block size."""
+    if nested is None:
+        return (absmax.float().contiguous(), None, None, None), 0.0, 1
+    nested_absmax, nested_code, offset, nested_bs = nested
+    return ((None, absmax.contiguous(), nested_absmax.float().contiguous(), nested_code.float().contiguous()),
+            float(offset), nested_bs)
+
+
 class CpuKernels:
     """The library's entry points with the signatures of blockwise.py (CPU tensors only)."""
 
@@ -198,20 +208,16 @@ class CpuKernels:
             raise ValueError(f"expected {nblocks} block scales and a 16-entry codebook, "
                              f"got {absmax.numel()} and {code.numel()}")
         packed, code = packed.contiguous(), code.float().contiguous()
-        if nested is None:
-            offset, nested_bs = 0.0, 1
-            scales = (absmax.float().contiguous(), None, None, None)
-        else:
-            nested_absmax, nested_code, offset, nested_bs = nested
+        if nested is not None:
+            nested_absmax, nested_code, _, nested_bs = nested
             nested_blocks = -(-nblocks // nested_bs)
             if absmax.dtype != torch.uint8 or nested_absmax.numel() != nested_blocks or nested_code.numel() != 256:
                 raise ValueError(f"double-quantized scales: expected {nblocks} uint8 codes, {nested_blocks} "
                                  f"nested scales and a 256-entry nested code, got {absmax.numel()} {absmax.dtype}, "
                                  f"{nested_absmax.numel()} and {nested_code.numel()}")
-            scales = (None, absmax.contiguous(), nested_absmax.float().contiguous(), nested_code.float().contiguous())
-        # `scales` keeps any converted copy alive until the call returns
+        scales, offset, nested_bs = _scale_args(absmax, nested)  # keeps converted copies alive for the call
         self._lib.qlora_dequantize_4bit(packed.data_ptr(), *(None if t is None else t.data_ptr() for t in scales),
-                                        float(offset), nested_bs, code.data_ptr(), n, blocksize, out.data_ptr(),
+                                        offset, nested_bs, code.data_ptr(), n, blocksize, out.data_ptr(),
                                         _DTYPE_CODES[out.dtype], torch.get_num_threads())
         return out
 
@@ -248,15 +254,10 @@ class CpuKernels:
             return None
         x = x.float().contiguous()
         code = code.float().contiguous()
-        if nested is None:
-            offset, nested_bs = 0.0, 1
-            scales = (absmax.float().contiguous(), None, None, None)
-        else:
-            nested_absmax, nested_code, offset, nested_bs = nested
-            scales = (None, absmax.contiguous(), nested_absmax.float().contiguous(), nested_code.float().contiguous())
+        scales, offset, nested_bs = _scale_args(absmax, nested)
         out = torch.empty(x.shape[0], n_out, dtype=torch.float32)
         self._lib.qlora_gemm_4bit(x.data_ptr(), x.shape[0], k, packed.contiguous().data_ptr(),
-                                  *(None if t is None else t.data_ptr() for t in scales), float(offset), nested_bs,
+                                  *(None if t is None else t.data_ptr() for t in scales), offset, nested_bs,
                                   code.data_ptr(), n_out, blocksize, out.data_ptr(), torch.get_num_threads())
         return out
 

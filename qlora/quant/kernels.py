@@ -20,7 +20,7 @@ from . import fast
 Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
-def _fast(*tensors: torch.Tensor) -> fast.CpuKernels | None:
+def cpu_kernels(*tensors: torch.Tensor) -> fast.CpuKernels | None:
     if os.environ.get("QLORA_REFERENCE_KERNELS", "0") not in ("", "0"):
         return None
     if any(t.device.type != "cpu" for t in tensors):
@@ -30,7 +30,7 @@ def _fast(*tensors: torch.Tensor) -> fast.CpuKernels | None:
 
 def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int):
     """-> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])"""
-    k = _fast(w)
+    k = cpu_kernels(w)
     return k.quantize_4bit(w, quant_type, blocksize) if k else ref.quantize_4bit_ref(w, quant_type, blocksize)
 
 
@@ -38,7 +38,7 @@ def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested: Neste
     """code[q] * block scale, shaped `shape`, as `dtype`. With `nested`, `absmax` holds the
     Double-Quantized uint8 scales: scale = dequantize_8bit(absmax, nested_absmax, nested_code,
     nested_blocksize) + offset, decoded per block inside the kernel on CPU (no temporaries)."""
-    k = _fast(packed, absmax) if dtype in ref.FLOAT_DTYPES else None
+    k = cpu_kernels(packed, absmax) if dtype in ref.FLOAT_DTYPES else None
     if k:
         return k.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested)
     return ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, shape, dtype)
@@ -47,7 +47,7 @@ def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested: Neste
 def dequantize_4bit_into(out: torch.Tensor, packed, absmax, code, blocksize, nested: Nested | None = None):
     """`dequantize_4bit` into a preallocated tensor (its shape and dtype are the result's), for
     layers that dequantize the same weight every step. Returns `out`."""
-    k = _fast(out, packed, absmax) if out.dtype in ref.FLOAT_DTYPES and out.is_contiguous() else None
+    k = cpu_kernels(out, packed, absmax) if out.dtype in ref.FLOAT_DTYPES and out.is_contiguous() else None
     if k:
         return k.dequantize_4bit_into(out, packed, absmax, code, blocksize, nested)
     return out.copy_(ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, out.shape, out.dtype))
@@ -57,7 +57,7 @@ def matmul_4bit(x: torch.Tensor, packed, absmax, code, blocksize, shape, nested:
     """x (m, k) · Wᵀ as fp32 (m, n_out), W = the 4-bit weight of `shape` in fp32 (code · scale, no
     16-bit rounding). The CPU kernel reads the codes once for all rows — the decode path for a
     handful of tokens; elsewhere, dequantize in fp32 and multiply."""
-    k = _fast(x, packed, absmax)
+    k = cpu_kernels(x, packed, absmax)
     out = k.gemm_4bit(x, packed, absmax, code, blocksize, tuple(shape), nested) if k else None
     if out is not None:
         return out
@@ -74,11 +74,11 @@ def _scales(absmax: torch.Tensor, nested: Nested | None) -> torch.Tensor:
 
 def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     """-> (q uint8 shaped like x, absmax fp32 [blocks]); bitsandbytes' CPU semantics."""
-    k = _fast(x, code)
+    k = cpu_kernels(x, code)
     return k.quantize_8bit(x, code, blocksize) if k else ref.quantize_8bit_ref(x, code, blocksize)
 
 
 def dequantize_8bit(q, absmax, code, blocksize) -> torch.Tensor:
     """-> fp32 shaped like q"""
-    k = _fast(q, absmax, code)
+    k = cpu_kernels(q, absmax, code)
     return k.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code, blocksize)

@@ -41,6 +41,12 @@ class QuantizedTensor:
         return self.nested_absmax is not None
 
     @property
+    def nested(self):
+        """(nested_absmax, nested_code, offset, NESTED_BLOCKSIZE) under Double Quantization, else
+        None: the `nested` argument of the kernels' 4-bit ops."""
+        return (self.nested_absmax, self.nested_code, self.offset, NESTED_BLOCKSIZE) if self.double_quant else None
+
+    @property
     def numel(self) -> int:
         return self.shape.numel()
 
@@ -87,8 +93,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"cannot dequantize to {dtype}: use float32, float16 or bfloat16")
     # Double-quantized scales are decoded inside the kernel, block by block (no fp32 temporaries)
-    nested = (q.nested_absmax, q.nested_code, q.offset, NESTED_BLOCKSIZE) if q.double_quant else None
-    return kernels.dequantize_4bit(q.data, q.absmax, q.code, q.blocksize, q.shape, dtype, nested)
+    return kernels.dequantize_4bit(q.data, q.absmax, q.code, q.blocksize, q.shape, dtype, q.nested)
 
 
 def bits_per_parameter(q: QuantizedTensor) -> float:

@@ -13,16 +13,6 @@ from qlora.quant import fast, kernels
 from qlora.quant.state import NESTED_BLOCKSIZE
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
-def k(request) -> fast.CpuKernels:
-    built = fast.kernels(portable=request.param == "portable")
-    if built is None:
-        pytest.skip("the CPU kernels could not be built here (no C++ compiler?)")
-    if request.param == "simd" and not built.simd:
-        pytest.skip("no AVX-512 on this CPU/compiler")
-    return built
-
-
 def _q(shape, quant_type="nf4", double_quant=True, blocksize=64):
     torch.manual_seed(0)
     q = quant.quantize(torch.randn(shape) * 0.05, quant_type, blocksize, double_quant)

@@ -20,16 +20,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COUNTS = (1, 2, 3, 15, 16, 17, 31, 33, 63, 65, 127, 129, 4095, 4097, 65_537)
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
-def k(request) -> fast.CpuKernels:
-    built = fast.kernels(portable=request.param == "portable")
-    if built is None:
-        pytest.skip("the CPU kernels could not be built here (no C++ compiler?)")
-    if request.param == "simd" and not built.simd:
-        pytest.skip("no AVX-512 on this CPU/compiler: only the portable kernels exist")
-    return built
-
-
 def _zero_some_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     flat = x.reshape(-1)
     if flat.numel() > 3 * blocksize:
