@@ -119,6 +119,9 @@ class TrainConfig:
     """torch CPU threads (0: torch's default)."""
     nproc: int = 1
     """Data-parallel processes on this machine, each holding the 4-bit model (torchrun; 1 = single process)."""
+    shard_base: bool = False
+    """With several processes: shard each decoder layer's frozen 4-bit weights and norms over the ranks
+    (FSDP2), gathered per layer for its forward and backward; LoRA stays data-parallel."""
 
 
 @functools.cache

@@ -116,6 +116,41 @@ def sum_over_ranks(*values: float) -> tuple[float, ...]:
     return tuple(t.tolist())
 
 
+def layer_sharder(device: torch.device):
+    """FSDP2 (torch's fully_shard) for one decoder layer: its frozen parameters (4-bit codes, block
+    scales, norms, biases) are split over the ranks and gathered for that layer's forward and again
+    for its backward, so a rank holds 1/N of them plus one or two gathered layers at a time. hf.load
+    calls it as each layer's weights arrive (a rank never holds the whole base); shard_base covers
+    the rest. LoRA weights stay out of FSDP (added after loading, or ignored_params): whole on every
+    rank and summed by all_reduce_grads as in plain data parallel, so the optimizer, checkpoints and
+    resume under any world size are those of data parallel."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if world_size() == 1:
+        raise QloraError("shard_base: needs several processes (--nproc N with N > 1, or torchrun)")
+    mesh = init_device_mesh(device.type, (world_size(),))
+
+    def shard(layer: torch.nn.Module) -> None:
+        if not isinstance(layer, FSDPModule):
+            fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
+
+    return shard
+
+
+def shard_base(model: torch.nn.Module, shard) -> tuple[int, int]:
+    """Shard every decoder layer not sharded yet with `shard` (layer_sharder). Embeddings, final norm
+    and head stay whole (small next to the layers; the loss calls the head outside the model's
+    forward). Returns (bytes of the layers' frozen parameters on this rank, on all ranks)."""
+    from .hf import decoder_layers
+
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        shard(layer)
+    frozen = [p for p in layers.parameters() if not p.requires_grad]
+    return sum(p.to_local().nbytes for p in frozen), sum(p.numel() * p.element_size() for p in frozen)
+
+
 def launch(cfg) -> dict:
     """Run `qlora train` with this config in cfg.nproc processes on this machine (torchrun,
     standalone rendezvous). The ranks print the run's output; returns a short summary."""

@@ -73,16 +73,18 @@ def load_tokenizer(directory: str, gguf_file: str | None = None):
 
 def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
          compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False, adapters=(),
-         lora: dict | None = None, device: str | torch.device = "cpu"):
+         lora: dict | None = None, device: str | torch.device = "cpu", on_layer=None):
     """Load a causal LM with its linear layers in 4 bits (quant_type "bf16": left unquantized).
 
     `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
-    Returns (model, tokenizer)."""
+    `on_layer(layer)`: called with each decoder layer as soon as all its weights are in place, while
+    a 16-bit safetensors checkpoint streams (distributed.layer_sharder shards it there, so a rank
+    never holds the whole base); other sources do not call it. Returns (model, tokenizer)."""
     directory, gguf_file = resolve(model)
     tokenizer = load_tokenizer(directory, gguf_file)
     quant = None if quant_type == "bf16" else dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     if gguf_file is None and _has_safetensors(directory):
-        net = _load_streaming(directory, compute_dtype, quant, quantize_head)
+        net = _load_streaming(directory, compute_dtype, quant, quantize_head, on_layer)
     else:
         net = _load_whole(directory, gguf_file, compute_dtype)
         if quant:
@@ -140,7 +142,7 @@ def _params_on_meta():
 _BNB_MARKER = ".quant_state.bitsandbytes__"  # key suffix of a 4-bit weight saved in bitsandbytes' layout
 
 
-def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quantize_head: bool):
+def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quantize_head: bool, on_layer=None):
     """Build the model with parameters on meta, then fill it from the safetensors shards: a 16-bit
     checkpoint is read one tensor at a time and each linear weight quantized as it arrives (peak:
     the 4-bit model + one tensor); a checkpoint already in bitsandbytes' 4-bit layout is memory-mapped
@@ -170,14 +172,41 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quan
             return (name is not None and name.rpartition(".")[0] not in targets
                     and (file_dtype == dtype or not file_dtype.is_floating_point))
 
+        placed = _layer_watch(net, on_layer) if on_layer else lambda name: None
         for key, tensor, mapped in safetensors_reader.iter_tensors(shards, map_if):
             if (name := model_key(key)) is not None:
                 _place(net, name, tensor, dtype, targets, quant, copy=not mapped)
+                placed(name)
     net.tie_weights()
     missing = [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
         raise QloraError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. '{missing[0]}' — wrong model dir?")
     return net.eval()
+
+
+def decoder_layers(net: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of decoder layers (the ModuleList with one entry per hidden layer) and its name."""
+    n = getattr(net.config, "num_hidden_layers", None)
+    for name, m in net.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return name, m
+    raise QloraError(f"found no list of {n} decoder layers in {type(net).__name__}")
+
+
+def _layer_watch(net: nn.Module, on_layer):
+    """A function of each placed parameter's name that calls on_layer(layer) when the last of a
+    decoder layer's parameters is placed (checkpoints store layers in any order, or interleaved)."""
+    prefix, layers = decoder_layers(net)
+    pending = [len(list(layer.parameters())) for layer in layers]
+
+    def placed(name: str) -> None:
+        if name.startswith(prefix + "."):
+            i = int(name[len(prefix) + 1 :].split(".", 1)[0])
+            pending[i] -= 1
+            if pending[i] == 0:
+                on_layer(layers[i])
+
+    return placed
 
 
 def _place_prequantized(net: nn.Module, shards: list[Path], dtype: torch.dtype, model_key) -> None:

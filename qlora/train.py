@@ -55,20 +55,32 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     device = distributed.init(pick_device(cfg.device))  # under torchrun: join the group, this rank's device
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
+    shard = None
+    if cfg.shard_base and distributed.world_size() == 1:
+        raise QloraError("shard_base: needs several processes (--nproc N with N > 1, or torchrun)")
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
     if model is None:
         from .memory import return_freed_memory
 
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         _preflight(cfg)
+        shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2, layer by layer as loaded
         model, tokenizer = hf.load(
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
             compute_dtype=DTYPES[cfg.compute_dtype], quantize_head=cfg.quantize_head, device=device,
+            on_layer=shard,
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
     hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                 targets=cfg.lora_targets, rslora=cfg.rslora)
     model.to(device)
+    if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
+        from .memory import return_freed_memory
+
+        held, whole = distributed.shard_base(model, shard or distributed.layer_sharder(device))
+        return_freed_memory()
+        print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
+              f"of frozen weights ({distributed.world_size()} ranks)")
     examples, stats = data.build_examples(
         rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
         max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data,
@@ -131,14 +143,26 @@ def validation_loss(run: Run) -> float | None:
     run.model.eval()
     total, count = 0.0, 0
     for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
-        if not (idx := distributed.shard(idx)):  # data parallel: this rank's share
+        idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share
+        if not idx:
             continue
         batch = _to_device(data.collate([run.val_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
         s, n = loss_sum(run.model, batch)
-        total, count = total + float(s), count + n
+        total, count = total + weight * float(s), count + int(weight * n)
     total, count = distributed.sum_over_ranks(total, count)
     run.model.train()
     return total / max(count, 1)
+
+
+def _my_share(idx: list[int], cfg: TrainConfig) -> tuple[list[int], float]:
+    """This rank's examples of a micro-batch and the weight of its loss. A rank left without any
+    (a batch smaller than the world) skips it, except under shard_base: every rank must then run
+    every layer's forward and backward, whose FSDP gathers are collective, so it runs the batch's
+    first example with weight 0 (zero loss, zero gradients)."""
+    mine = distributed.shard(idx)
+    if mine or not cfg.shard_base:
+        return mine, 1.0
+    return idx[:1], 0.0
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -206,13 +230,14 @@ def fit(run: Run, progress: bool = True) -> dict:
             distributed.seed_step(cfg.seed, step)
             step_loss, step_tokens = 0.0, 0
             for idx in micro:
-                if not (idx := distributed.shard(idx)):  # data parallel: this rank's share of the micro-batch
+                idx, weight = _my_share(idx, cfg)  # data parallel: this rank's share of the micro-batch
+                if not idx:
                     continue
                 batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
                 s, _ = loss_sum(model, batch)
-                (s / n_targets).backward()
-                step_loss += float(s.detach()) / n_targets
-                step_tokens += int(batch["attention_mask"].sum())
+                (s * weight / n_targets).backward()
+                step_loss += weight * float(s.detach()) / n_targets
+                step_tokens += int(weight * batch["attention_mask"].sum())
             # data parallel: sum LoRA gradients, loss and tokens over ranks (one all-reduce; no-op in one process)
             step_loss, step_tokens = distributed.all_reduce_grads([p for _, p in params], step_loss, step_tokens)
             tokens_log += step_tokens

@@ -6,6 +6,7 @@ load) and prints the measured peak RSS, load and step times beside `qlora memory
 
     python scripts/big_model.py --size 7B
     python scripts/big_model.py --size 33B --lora-r 16 --steps 2 --dir /tmp/qlora-big
+    python scripts/big_model.py --size 7B --nproc 2 --shard-base   # FSDP2: each rank holds half the layers
 
 The checkpoint: bf16 safetensors shards (<= --shard-gb each) written tensor by tensor, so the
 generator holds one random pool, never a shard or the model. Matrices are N(0, 0.02²); each one is
@@ -16,7 +17,7 @@ is saved alongside; the model keeps LLaMA's 32000-entry vocabulary. The checkpoi
 output are deleted at the end unless --keep.
 
 Peak RSS is the training process's own (os.wait4's ru_maxrss; this parent stays far smaller, so
-the value it passes to its child on fork does not mask it).
+the value it passes to its child on fork does not mask it); with --nproc, the largest rank's.
 """
 
 from __future__ import annotations
@@ -142,6 +143,24 @@ def _status(pid: int, field: str) -> int:
         return 0
 
 
+def _largest_rss(pid: int) -> int:
+    """VmRSS of the largest process among pid and its descendants (the ranks under --nproc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo, best = [pid], 0
+    while todo:
+        p = todo.pop()
+        best = max(best, _status(p, "VmRSS"))
+        todo += children.get(p, [])
+    return best
+
+
 def run_training(cmd: list[str], log: Path, metrics: Path) -> dict:
     """Run `qlora train`; time the load (start -> the trainer's `data:` line, printed once the
     model is loaded and wrapped) and each step (arrival of its metrics line); peak RSS from wait4."""
@@ -155,7 +174,7 @@ def run_training(cmd: list[str], log: Path, metrics: Path) -> dict:
                 break
             now = time.perf_counter() - t0
             if load_s is None and "data: " in log.read_text(errors="replace"):
-                load_s, rss_after_load = now, _status(proc.pid, "VmRSS")
+                load_s, rss_after_load = now, _largest_rss(proc.pid)
             if metrics.exists():
                 lines = [ln for ln in metrics.read_text().splitlines() if '"loss"' in ln]
                 marks += [now] * (len(lines) - len(marks))
@@ -182,6 +201,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the run")
     ap.add_argument("--force", action="store_true", help="pass --force to qlora train (skip the memory preflight)")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks (data parallel; batch = nproc, one example each)")
+    ap.add_argument("--shard-base", action="store_true", help="FSDP2: shard the decoder layers' 4-bit weights over the ranks")
     a = ap.parse_args(argv)
 
     root = Path(a.dir) / f"llama-{a.size}"
@@ -200,10 +221,11 @@ def main(argv=None) -> None:
     write_data(data)
     predicted = estimate(model_dir, a)
     cmd = [sys.executable, "-m", "qlora", "train", "--model", str(model_dir), "--data", str(data), "--output-dir",
-           str(run_dir), "--max-steps", str(a.steps), "--batch-size", "1", "--max-seq-len", str(a.seq_len),
+           str(run_dir), "--max-steps", str(a.steps), "--batch-size", str(a.nproc), "--max-seq-len", str(a.seq_len),
            "--gradient-checkpointing", "--optimizer", "paged_adamw", "--optimizer-memory-budget", a.optimizer_budget,
            "--lora-r", str(a.lora_r), "--logging-steps", "1", "--save-steps", "0", "--eval-steps", "0",
-           "--val-fraction", "0", "--warmup-ratio", "0"] + (["--force"] if a.force else [])
+           "--val-fraction", "0", "--warmup-ratio", "0", "--nproc", str(a.nproc)] + (["--force"] if a.force else [])
+    cmd += ["--shard-base"] if a.shard_base else []
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: no metrics of an earlier one
     print("running: " + " ".join(cmd), flush=True)
     m = run_training(cmd, root / "train.log", run_dir / "metrics.jsonl")
@@ -217,12 +239,13 @@ def report(a, spec, m: dict, predicted: dict, root: Path) -> None:
     later = steps[1:] or steps
     rows = [
         ("model", f"LLaMA-{a.size} shape ({spec['layers']} layers, hidden {spec['hidden']}), random weights"),
+        ("processes", f"{a.nproc}" + (", decoder layers sharded (FSDP2)" if a.shard_base else "")),
         ("LoRA", f"r={a.lora_r}, all linear layers; batch 1 x {a.seq_len} tokens; gradient checkpointing; "
                  f"paged_adamw, {a.optimizer_budget} resident"),
         ("peak RSS, training steps", f"{m['steps_peak_rss'] / GB:.2f} GB ({m['steps_peak_rss'] / GiB:.2f} GiB)"),
         ("peak RSS, whole run", f"{m['peak_rss'] / GB:.2f} GB ({m['peak_rss'] / GiB:.2f} GiB), final checkpoint included"),
         ("training step (qlora memory)", f"{predicted['step'] / GB:.2f} GB ({predicted['step'] / GiB:.2f} GiB) predicted"),
-        ("RSS when loaded", f"{m['rss_after_load'] / GB:.2f} GB ({m['rss_after_load'] / GiB:.2f} GiB)"),
+        ("RSS when loaded (largest rank)" if a.nproc > 1 else "RSS when loaded", f"{m['rss_after_load'] / GB:.2f} GB ({m['rss_after_load'] / GiB:.2f} GiB)"),
         ("loading (qlora memory)", f"{predicted['load'] / GB:.2f} GB ({predicted['load'] / GiB:.2f} GiB) predicted"),
         ("load (start -> model ready)", f"{m['load_s']:.0f} s"),
         ("first step", f"{steps[0]:.0f} s" if steps else "-"),
@@ -233,8 +256,9 @@ def report(a, spec, m: dict, predicted: dict, root: Path) -> None:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     result = dict(size=a.size, lora_r=a.lora_r, seq_len=a.seq_len, optimizer_budget=a.optimizer_budget,
+                  nproc=a.nproc, shard_base=a.shard_base,
                   predicted_bytes=predicted, **m)
-    out = Path(a.dir) / f"result-{a.size}.json"
+    out = Path(a.dir) / f"result-{a.size}{f'-{a.nproc}proc' if a.nproc > 1 else ''}{'-sharded' if a.shard_base else ''}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"\n(saved {out}; the training log was {root / 'train.log'})")
 

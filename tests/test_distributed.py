@@ -2,6 +2,7 @@
 the same global batch, and a checkpoint written by 2 processes resumes in 1."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +28,10 @@ def _rows(path: Path, n: int = 48) -> str:
     return str(path)
 
 
-def _settings(tiny_llama, tmp_path, out: str, **kw) -> dict:
+def _settings(tiny_llama, tmp_path, out: str, batch_size=4, **kw) -> dict:
     # compute in fp32, no dropout: the only difference left between 1 and 2 processes is summation order
     return dict(model=tiny_llama, data=_rows(tmp_path / "d.jsonl"), output_dir=str(tmp_path / out), max_steps=6,
-                batch_size=4, grad_accum=2, lora_r=4, lora_dropout=0.0, compute_dtype="float32", optimizer="adamw",
+                batch_size=batch_size, grad_accum=2, lora_r=4, lora_dropout=0.0, compute_dtype="float32", optimizer="adamw",
                 logging_steps=1, save_steps=3, eval_steps=3, val_fraction=0.1, warmup_ratio=0.0, threads=1, **kw)
 
 
@@ -89,3 +90,32 @@ def test_nproc_must_be_positive(tiny_llama, tmp_path):
 
     with pytest.raises(ConfigError, match="nproc must be > 0"):
         build_config(_settings(tiny_llama, tmp_path, "x", nproc=0))
+
+
+@pytest.mark.parametrize("checkpointing,batch", [(False, 4), (True, 1)])
+def test_sharded_base_matches_one_process(tiny_llama, tmp_path, checkpointing, batch):
+    """FSDP2 over the decoder layers' frozen 4-bit weights: same losses and adapter as one process,
+    each rank holding half of those weights and gathering them per layer (in the recomputation of
+    gradient checkpointing too; with batch 1, rank 1 has no example and runs a zero-weight pass)."""
+    kw = dict(gradient_checkpointing=checkpointing, batch_size=batch)
+    one = _settings(tiny_llama, tmp_path, "one", **kw)
+    train(build_config(one), progress=False)
+    two = _settings(tiny_llama, tmp_path, "two", shard_base=True, **kw)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in two.items() if not isinstance(v, bool)]
+    flags += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in two.items() if isinstance(v, bool)]
+    r = subprocess.run([sys.executable, "-m", "qlora", "train", *flags, "--nproc=2"], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    held, whole = map(float, re.search(r"holds ([\d.e+-]+) of the decoder layers' ([\d.e+-]+) MiB", r.stdout).groups())
+    assert 0.45 * whole <= held <= 0.55 * whole, r.stdout
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(ref) == 8 and _close(got, ref), (got, ref)
+    for k, t in _adapter(tmp_path / "one").items():
+        torch.testing.assert_close(_adapter(tmp_path / "two")[k], t, rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_base_needs_several_processes(tiny_llama, tmp_path):
+    from qlora.errors import QloraError
+
+    with pytest.raises(QloraError, match="shard_base: needs several processes"):
+        train(build_config(_settings(tiny_llama, tmp_path, "x", shard_base=True)), progress=False)

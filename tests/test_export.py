@@ -82,7 +82,9 @@ def test_inference_never_alters_the_packed_weights(tiny):
 def test_merge_refuses_an_altered_layout(tiny, tmp_path):
     model, tok = load_model(tiny[0], [tiny[1]])
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
-    layer.weight.data = layer.weight.data.reshape(-1, 2)  # what a repacking would do to the shape
+    q = layer.weight  # a view of the layer's parameters: changes take effect when assigned back
+    q.data = q.data.reshape(-1, 2)  # what a repacking would do to the shape
+    layer.weight = q
     from qlora.export.merged import write_merged
 
     with pytest.raises(RuntimeError, match="layout"):

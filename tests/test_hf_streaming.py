@@ -30,8 +30,8 @@ hf.load_tokenizer(sys.argv[1])
 before = hwm()
 model, _ = hf.load(sys.argv[1])
 after = hwm()
-held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-held += sum(m.weight.nbytes() for m in model.modules() if isinstance(m, Linear4bit))
+held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # 4-bit codes too
+assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit) for p in (m.weight_data, m.weight_absmax))
 print(json.dumps({"growth": after - before, "held": held}))
 """
 
@@ -168,3 +168,19 @@ def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(QloraError, match="not a safetensors file"):
         safetensors_reader.read_header(tmp_path / "junk.safetensors")
+
+
+def test_on_layer_sees_each_decoder_layer_once_complete(tiny_dirs):
+    """hf.load calls on_layer as each decoder layer's last weight arrives (distributed.layer_sharder
+    shards it there): every layer once, with nothing left on the meta device."""
+    seen = []
+
+    def on_layer(layer):
+        assert not any(p.is_meta for p in layer.parameters())
+        assert any(isinstance(m, Linear4bit) for m in layer.modules())
+        seen.append(layer)
+
+    model, _ = hf.load(tiny_dirs["llama"], on_layer=on_layer)
+    _, layers = hf.decoder_layers(model)
+    assert len(seen) == len(layers) == model.config.num_hidden_layers
+    assert all(a is b for a, b in zip(seen, layers))

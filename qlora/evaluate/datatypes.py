@@ -66,8 +66,9 @@ def model_megabytes(net) -> float:
     """Stored size of the model: 4-bit weights with their scales, plus every other tensor."""
     from ..nn import Linear4bit
 
-    total = sum(m.weight.nbytes() for m in net.modules() if isinstance(m, Linear4bit))
-    seen = set()
+    layers = [m for m in net.modules() if isinstance(m, Linear4bit)]
+    total = sum(m.weight.nbytes() for m in layers)  # codes + scales, not the format's codebooks
+    seen = {p.data_ptr() for m in layers for n, p in m.named_parameters() if n.startswith("weight_")}
     for t in list(net.parameters()) + list(net.buffers()):
         if t.data_ptr() not in seen:  # tied embeddings count once
             seen.add(t.data_ptr())

@@ -20,6 +20,8 @@ from ..quant import QuantizedTensor, kernels
 # into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
 # function saves no tensor), and it saves an allocation and its page faults per matmul.
 _SCRATCH: dict = {}
+# QuantizedTensor fields held as Parameters (see Linear4bit.weight)
+_QFIELDS = ("data", "absmax", "code", "offset", "nested_absmax", "nested_code")
 # Up to this many rows (tokens) a no-grad forward on CPU multiplies by the 4-bit codes directly
 # (kernels.matmul_4bit); longer inputs (prefill, scoring) dequantize once and use a bf16 matmul.
 # Measured on a 1536x576 weight, one thread: 358 vs 567 us at 1 row, 939 vs 1202 at 8, 1639 vs
@@ -49,7 +51,8 @@ class _Matmul4bit(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """Frozen 4-bit linear layer. `weight` is a QuantizedTensor, not a Parameter."""
+    """Frozen 4-bit linear layer. `weight` is a QuantizedTensor (a view of the frozen parameters
+    below), not a Parameter."""
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype=torch.bfloat16):
         super().__init__()
@@ -60,6 +63,25 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.register_parameter("bias", bias)
+
+    # The QuantizedTensor's tensors are registered as frozen Parameters `weight_<field>`, so that
+    # .to(device), parameter counts and FSDP2 sharding (distributed.shard_base) see the codes and
+    # scales like any weight; the non-tensor fields live in `_qmeta`. `weight` rebuilds the
+    # QuantizedTensor from whatever Parameters are registered now (FSDP2 swaps them between sharded
+    # and gathered around each forward and backward), so nothing here caches them.
+    @property
+    def weight(self) -> QuantizedTensor:
+        p = self._parameters
+        shape, dtype, quant_type, blocksize = self._qmeta
+        return QuantizedTensor(p["weight_data"], p["weight_absmax"], shape, dtype, quant_type, blocksize,
+                               p["weight_code"], p["weight_offset"], p["weight_nested_absmax"], p["weight_nested_code"])
+
+    @weight.setter
+    def weight(self, q: QuantizedTensor) -> None:
+        for field in _QFIELDS:
+            t = getattr(q, field)
+            self.register_parameter("weight_" + field, None if t is None else nn.Parameter(t, requires_grad=False))
+        self._qmeta = (q.shape, q.dtype, q.quant_type, q.blocksize)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, quant_type="nf4", blocksize=64, double_quant=True,
@@ -111,11 +133,15 @@ class Linear4bit(nn.Module):
                 f"blocksize={q.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}")
 
     def _apply(self, fn, recurse=True):
-        # .to(device) / .cuda() move the codes and scales too; dtype casts never touch them.
+        # .to(device) / .cuda() move the codes and scales too; dtype casts (model.to(bfloat16),
+        # .half()) never touch them: they are a storage format, not values.
+        quant = {n: self._parameters.pop(n) for n in [f"weight_{f}" for f in _QFIELDS]}
         super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.data.device))
-        if probe.device != self.weight.data.device:
-            self.weight = self.weight.to(probe.device)
+        data = quant["weight_data"]
+        device = fn(torch.empty(0, dtype=torch.uint8, device=data.device)).device
+        for name, p in quant.items():
+            moved = p is not None and p.device != device
+            self._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False) if moved else p
         return self
 
     # bitsandbytes layout: weight, weight.absmax, weight.quant_map, [weight.nested_*],
@@ -135,7 +161,7 @@ class Linear4bit(nn.Module):
             if tuple(q.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"{prefix}weight: shape {tuple(q.shape)} != {(self.out_features, self.in_features)}")
             else:
-                self.weight = q.to(self.weight.data.device)
+                self.weight = q.to(self.weight_data.device)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():

@@ -134,5 +134,5 @@ def _root_dtype(layer: "LoRALinear") -> torch.dtype:
 
 def _device_of(module: nn.Module) -> torch.device:
     if isinstance(module, Linear4bit):
-        return module.weight.data.device
+        return module.weight_data.device
     return next(module.parameters()).device

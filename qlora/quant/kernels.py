@@ -16,7 +16,7 @@ import torch
 from . import blockwise as ref
 from . import fast
 
-# (nested_absmax fp32, nested_code fp32[256], offset fp32 scalar, nested_blocksize)
+# (nested_absmax fp32, nested_code fp32[256], offset fp32 [1], nested_blocksize)
 Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 

@@ -32,7 +32,7 @@ class QuantizedTensor:
     quant_type: str
     blocksize: int
     code: torch.Tensor  # fp32 [16]
-    offset: torch.Tensor | None = None  # fp32 scalar, DQ only
+    offset: torch.Tensor | None = None  # fp32 [1], DQ only
     nested_absmax: torch.Tensor | None = None  # fp32 [ceil(blocks / 256)], DQ only
     nested_code: torch.Tensor | None = None  # fp32 [256], DQ only
 
@@ -77,7 +77,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     data, absmax = kernels.quantize_4bit(w.detach(), quant_type, blocksize)
     q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device))
     if double_quant:
-        q.offset = absmax.mean()
+        q.offset = absmax.mean().reshape(1)
         if not bool(torch.isfinite(q.offset)):  # fp32 sum of block absmaxes overflowed
             mean = absmax.double().mean().item()
             raise ValueError(f"double quantization overflows float32: the block absmaxes average {mean:.3g}; "
@@ -151,5 +151,5 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> Quan
     if f"{prefix}.nested_absmax" in sd:
         q.nested_absmax = sd[f"{prefix}.nested_absmax"].float()
         q.nested_code = sd[f"{prefix}.nested_quant_map"].float()
-        q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
+        q.offset = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=absmax.device)
     return q
