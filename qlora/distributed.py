@@ -133,7 +133,10 @@ def layer_sharder(device: torch.device):
 
     def shard(layer: torch.nn.Module) -> None:
         if not isinstance(layer, FSDPModule):
-            fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
+            # reshard_after_forward: each layer is an FSDP root of its own (no wrapped parent), and
+            # roots keep their gathered weights from forward to backward by default: the whole base
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True,
+                        ignored_params={p for p in layer.parameters() if p.requires_grad})
 
     return shard
 

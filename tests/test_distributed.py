@@ -119,3 +119,43 @@ def test_sharded_base_needs_several_processes(tiny_llama, tmp_path):
 
     with pytest.raises(QloraError, match="shard_base: needs several processes"):
         train(build_config(_settings(tiny_llama, tmp_path, "x", shard_base=True)), progress=False)
+
+
+_GATHER_CHECK = r"""
+import sys
+import torch
+from torch.distributed.tensor import DTensor
+from qlora import distributed, hf
+from qlora.train import loss_sum
+
+device = distributed.init(torch.device("cpu"))
+shard = distributed.layer_sharder(device)
+model, _ = hf.load(sys.argv[1], compute_dtype=torch.float32, on_layer=shard)
+hf.add_lora(model, r=4, dropout=0.0)
+distributed.shard_base(model, shard)
+_, layers = hf.decoder_layers(model)
+
+def gathered():
+    return [i for i, layer in enumerate(layers)
+            if not all(isinstance(p, DTensor) for p in layer.parameters() if not p.requires_grad)]
+
+ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+s, _ = loss_sum(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids))
+assert not gathered(), f"after the forward, layers {gathered()} still hold their gathered weights"
+s.backward()
+assert not gathered(), f"after the backward, layers {gathered()} still hold their gathered weights"
+assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+distributed.shutdown()
+print("ok")
+"""
+
+
+def test_sharded_layers_let_go_of_gathered_weights(tiny_llama, tmp_path):
+    """Every layer is an FSDP root of its own, and a root keeps what it gathered from forward to
+    backward unless told otherwise: that would hold the whole base. Between uses, every layer's
+    frozen weights are back to their shards."""
+    script = tmp_path / "check.py"
+    script.write_text(_GATHER_CHECK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), tiny_llama], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]  # rank 1 prints nothing
