@@ -3,9 +3,10 @@
 Reference config (CPU performance issue): SmolLM2-135M, NF4 + DQ base, LoRA r 64, α 16 on all
 linear layers, batch 4 × 256 tokens, bf16 compute, no gradient checkpointing. Each contender runs
 in its own subprocess (peak RSS is per process). The roofline is measured in the same run: torch's
-bf16 matmul GFLOP/s on the model's own shapes, divided into the step's FLOPs per token.
+bf16 matmul GFLOP/s on the model's own shapes, divided into the step's FLOPs per token. Last,
+qlora again with gradient checkpointing on, for the ratio of its step time to the plain one.
 
-    python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--only qlora|peft]
+    python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--only qlora|qlora_gc|peft|roofline]
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def batch_ids(vocab: int):
     return torch.randint(10, vocab - 10, (BATCH, SEQ), generator=g)
 
 
-def run_qlora(steps: int, warmup: int) -> dict:
+def run_qlora(steps: int, warmup: int, checkpointing: bool = False) -> dict:
     import torch
 
     from qlora import hf
@@ -57,6 +58,8 @@ def run_qlora(steps: int, warmup: int) -> dict:
 
     return_freed_memory()  # as `qlora train` does before loading
     model, _ = hf.load(model_dir(), lora=dict(r=R, alpha=ALPHA, dropout=0.05))
+    if checkpointing:  # as `qlora train --gradient-checkpointing` does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = batch_ids(model.config.vocab_size)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -150,17 +153,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", choices=["qlora", "peft", "roofline"])
+    ap.add_argument("--only", choices=["qlora", "qlora_gc", "peft", "roofline"])
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only:
-        fn = {"qlora": run_qlora, "peft": run_peft}.get(a.only)
+        fn = {"qlora": run_qlora, "qlora_gc": lambda s, w: run_qlora(s, w, checkpointing=True), "peft": run_peft}.get(a.only)
         res = roofline() if a.only == "roofline" else fn(a.steps, a.warmup)
         print(json.dumps(res))
         return
     model_dir()
     results = {}
-    for name in ("roofline", "qlora", "peft"):
+    for name in ("roofline", "qlora", "peft", "qlora_gc"):
         r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup", str(a.warmup)],
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -173,14 +176,18 @@ def main() -> None:
         print(f"bf16 matmul on the model's shapes: {roof['matmul_gflops']:.0f} GFLOP/s; step cost "
               f"{roof['mflop_per_token']:.0f} MFLOP/token -> roofline {roof['roofline_tokens_per_s']:.0f} tokens/s")
     print(f"{'':18}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}")
-    for name in ("qlora", "peft"):
+    labels = {"qlora": "qlora", "peft": "peft + bnb", "qlora_gc": "qlora, grad ckpt"}
+    for name in ("qlora", "peft", "qlora_gc"):
         if name in results:
             r = results[name]
-            print(f"{name + (' + bnb' if name == 'peft' else ''):18}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}")
+            print(f"{labels[name]:18}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}")
     if "qlora" in results and "peft" in results:
         q, p = results["qlora"], results["peft"]
         print(f"qlora / peft+bnb: throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
               f"peak RSS {q['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
+    if "qlora" in results and "qlora_gc" in results:
+        print(f"gradient checkpointing: step time {results['qlora_gc']['step_s'] / results['qlora']['step_s']:.2f}x "
+              f"the step without it")
     if "qlora" in results and roof:
         print(f"qlora at {results['qlora']['tokens_per_s'] / roof['roofline_tokens_per_s']:.0%} of the roofline")
 
