@@ -129,7 +129,7 @@ def estimate(model_dir: Path, a) -> dict:
     """`qlora memory`'s prediction (bytes) for the same settings: a training step, and the load."""
     cmd = [sys.executable, "-m", "qlora", "memory", "--model", str(model_dir), "--json", "--lora-r", str(a.lora_r),
            "--batch-size", "1", "--seq-len", str(a.seq_len), "--gradient-checkpointing", "--optimizer", "paged_adamw",
-           "--optimizer-memory-budget", a.optimizer_budget]
+           "--optimizer-memory-budget", a.optimizer_budget, "--shards", str(a.nproc if a.shard_base else 1)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     b = json.loads(out)["breakdown"]
     return {"step": int(b["total"]), "load": int(b.get("load_peak", 0))}

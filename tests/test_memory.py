@@ -20,7 +20,7 @@ from qlora.memory import (
     load_model_config, measure_peak_rss, plan, preflight, quantized_bytes,
 )
 from qlora.memory.allocator import return_freed_memory
-from qlora.memory.estimate import LOSS_CHUNK_TOKENS
+from qlora.memory.estimate import LOSS_CHUNK_TOKENS, SHARD_GATHERED_LAYERS
 from qlora.nn import linear4bit
 from qlora.tiny import ARCHS, save_tiny, tiny_model
 
@@ -432,3 +432,27 @@ def test_estimate_within_25_percent_for_the_default_model(tmp_path):
 
 def test_return_freed_memory_is_harmless():
     assert return_freed_memory() in (True, False)
+
+
+def test_shard_base_estimate_is_one_ranks_share(monkeypatch):
+    """--shard-base: a rank holds 1/N of the decoder layers' 4-bit bytes plus two whole layers; the
+    rest of the estimate is unchanged. The ranks on one machine split its available memory."""
+    model = config_for_size("7B")
+    kw = dict(lora_r=64, batch_size=1, seq_len=32, gradient_checkpointing=True)
+    one, two = estimate(model, **kw), estimate(model, shards=2, **kw)
+    layers = model["num_hidden_layers"]
+    per_layer = one.weights_4bit // layers  # 7B: every quantized weight is in a decoder layer
+    assert one.weights_4bit == per_layer * layers
+    assert two.weights_4bit == -(-per_layer * layers // 2) + SHARD_GATHERED_LAYERS * per_layer
+    assert one.total - two.total == one.weights_4bit - two.weights_4bit
+    assert one.load_peak - two.load_peak == one.weights_4bit - two.weights_4bit
+    with pytest.raises(QloraError, match="shards must be > 0"):
+        estimate(model, shards=0)
+
+    cfg = _cfg(gradient_checkpointing=True, batch_size=1, max_seq_len=32, optimizer="adamw")
+    need = preflight(cfg, available_bytes=64 * GiB).peak
+    monkeypatch.setattr(sys.modules["qlora.memory.plan"], "memory_available", lambda device="cpu": int(need * 1.5))
+    assert preflight(cfg).peak == need
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine: each gets 0.75 of `need`
+    with pytest.raises(QloraError, match="exceeds"):
+        preflight(cfg)

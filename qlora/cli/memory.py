@@ -43,6 +43,8 @@ def register(sub) -> None:
                    help="loss (target) tokens per sequence (default: all of --seq-len)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where training runs: framework overhead, dropout masks, and what 'available' means")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="ranks of `qlora train --nproc N --shard-base`: the estimate is one rank's (default: 1)")
     p.add_argument("--budget", help="memory budget, e.g. 24GB or 24GiB: print the options that fit")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
@@ -64,7 +66,7 @@ def run(args) -> int:
         lora_targets=args.lora_targets, lora_dropout=args.lora_dropout, lora_dtype=args.lora_dtype,
         batch_size=args.batch_size,
         seq_len=args.seq_len, target_tokens=args.target_tokens, gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer, device=args.device,
+        optimizer=args.optimizer, device=args.device, shards=args.shards,
         optimizer_memory_budget=parse_size(opt_budget, "--optimizer-memory-budget") if opt_budget else None,
     )
     b = estimate(cfg, **settings)

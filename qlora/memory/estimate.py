@@ -40,6 +40,9 @@ LOAD_BYTES_PER_PARAM_GGUF = 4  # + the compute dtype
 # plain path: fp32 logits (4 bytes/vocab entry), cross-entropy's fp32 log-softmax (4), and in
 # backward the incoming gradient and the result at once (4 + 4 + 4).
 LOSS_BYTES_PER_VOCAB = 12
+# Under --shard-base (FSDP2 per decoder layer) a rank holds this many layers' 4-bit weights whole
+# besides its shards: the one computing and the one being gathered or freed around it.
+SHARD_GATHERED_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Settings:
     compute_dtype: str = "bfloat16"
     attention: str = "sdpa"
     device: str = "cpu"
+    shards: int = 1  # ranks the decoder layers' 4-bit weights are split over (--shard-base); the estimate is one rank's
 
     def check(self) -> "Settings":
         choices = {"quant_type": (*QUANT_TYPES, "bf16"), "lora_targets": ("all", "attention"), "optimizer": OPTIMIZERS,
@@ -69,7 +73,7 @@ class Settings:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise QloraError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("blocksize", "lora_r", "batch_size", "seq_len"):
+        for key in ("blocksize", "lora_r", "batch_size", "seq_len", "shards"):
             if not getattr(self, key) > 0:
                 raise QloraError(f"{key} must be > 0, got {getattr(self, key)}")
         if not 0 <= self.lora_dropout < 1:
@@ -172,6 +176,19 @@ def _weights(arch: Arch, s: Settings) -> tuple[int, int, int, int]:
         cb, sb = quantized_bytes(n, s.blocksize, s.double_quant)
         codes, scales = codes + cb, scales + sb
     return codes, scales, s.c * other, sum(sizes)
+
+
+def _rank_share(arch: Arch, s: Settings, codes: int, scales: int) -> tuple[int, int]:
+    """One rank's 4-bit (codes, scales) under --shard-base: its 1/shards of the decoder layers' plus
+    SHARD_GATHERED_LAYERS whole layers (the head, if quantized, stays whole)."""
+    if s.shards == 1 or s.quant_type == "bf16":
+        return codes, scales
+    layer = [quantized_bytes(x.in_features * x.out_features, s.blocksize, s.double_quant) for x in arch.linears()]
+
+    def share(total: int, per_layer: int) -> int:
+        return total - per_layer * arch.layers + -(-per_layer * arch.layers // s.shards) + SHARD_GATHERED_LAYERS * per_layer
+
+    return share(codes, sum(c for c, _ in layer)), share(scales, sum(b for _, b in layer))
 
 
 def _optimizer_pages(shapes: list[tuple[int, int]], kind: str) -> list[int]:
@@ -280,6 +297,7 @@ def estimate(model_config: dict, **settings) -> Breakdown:
         raise QloraError(f"estimate: {e}") from None
     arch = arch_from_config(model_config, str(model_config.get("_name", "model config")))
     codes, scales, w16, n_quant = _weights(arch, s)
+    codes, scales = _rank_share(arch, s, codes, scales)
     specs = _lora_specs(arch, s)
     shapes = [shape for x in specs for shape in ((s.lora_r, x.in_features), (x.out_features, s.lora_r))] * arch.layers
     n_lora = sum(a * b for a, b in shapes)

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .. import distributed
 from ..config import TrainConfig, parse_size
 from ..errors import QloraError
 from .arch import load_model_config
@@ -139,6 +140,7 @@ def settings_for(cfg: TrainConfig, device: str = "cpu") -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
         optimizer_memory_budget=parse_size(budget, "optimizer_memory_budget") if budget else None,
         compute_dtype=cfg.compute_dtype, device=device,
+        shards=max(cfg.nproc, distributed.world_size()) if cfg.shard_base else 1,
     )
 
 
@@ -148,6 +150,8 @@ def preflight(cfg: TrainConfig, model_config: dict | None = None, available_byte
     model_config = load_model_config(cfg.model) if model_config is None else model_config
     device = _device(cfg.device)
     avail = memory_available(device) if available_bytes is None else available_bytes
+    if available_bytes is None and device == "cpu":  # the ranks on this machine share its memory
+        avail //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     kw = settings_for(cfg, device)
     b = estimate(model_config, **kw)
     if kw["optimizer"].startswith("paged_") and kw["optimizer_memory_budget"] is None:
