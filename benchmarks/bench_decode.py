@@ -2,12 +2,14 @@
 (+ PEFT for the adapter) on the same model, in the same run.
 
     python benchmarks/bench_decode.py [--adapter DIR] [--model DIR] [--new-tokens 128] [--repeats 3]
-                                      [--dtype bfloat16] [--threads N]
+                                      [--dtype bfloat16] [--threads N] [--forward-row]
 
 Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) after the same chat
 prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
 tokens/s is (n - 1) / (time of the last token - time of the first), so the prompt's prefill is
-apart. The two take turns `--repeats` times; the median is reported, with the process CPU time
+apart. qlora decodes llama-family models with its own compiled step (qlora/decode.py);
+--forward-row adds a row for the same qlora model through transformers' forward, its path before.
+The rows take turns `--repeats` times; the median is reported, with the process CPU time
 per token (what a shared, busy machine distorts least). Both quantize the base to NF4, blocksize 64,
 double quantization, compute dtype --dtype.
 """
@@ -36,11 +38,20 @@ def time_tokens(run) -> tuple[list[int], list[float], float]:
     return tokens, stamps, time.process_time() - c0
 
 
-def qlora_runner(model, ids, n):
+def qlora_runner(model, ids, n, path: str = ""):
+    """path "": qlora's own decode step where it applies (qlora/decode.py); "model": the model's forward."""
     def run(mark):
-        for tok in sample(model, ids, GenerationSettings(max_new_tokens=n), n):
-            mark()
-            yield tok
+        before = os.environ.get("QLORA_DECODE")
+        os.environ["QLORA_DECODE"] = path
+        try:
+            for tok in sample(model, ids, GenerationSettings(max_new_tokens=n), n):
+                mark()
+                yield tok
+        finally:
+            if before is None:
+                del os.environ["QLORA_DECODE"]
+            else:
+                os.environ["QLORA_DECODE"] = before
     return run
 
 
@@ -99,6 +110,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--forward-row", action="store_true",
+                    help="also time qlora's model through transformers' forward (its decode path before qlora/decode.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +121,8 @@ def main() -> None:
     ours.eval()
     ids = encode_prompt(tokenizer, PROMPT)
     runners = {"qlora (NF4 + live adapter)": qlora_runner(ours, ids, n)}
+    if args.forward_row:
+        runners["qlora through transformers' forward (QLORA_DECODE=model)"] = qlora_runner(ours, ids, n, "model")
     try:
         with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
             peer = load_peer(args.model, args.adapter, dtype, tmp)
@@ -130,10 +145,17 @@ def main() -> None:
         cpu = statistics.median(c / len(s) for _, s, c in runs)
         print(f"| {name} | {rates[name]:.1f} | {first * 1e3:.0f} | {cpu * 1e3:.1f} |")
     names = list(results)
-    if len(names) == 2:
-        a, b = (results[k][0][0] for k in names)
+    peer = next((k for k in names if k.startswith("transformers")), None)
+    if peer:
+        a, b = results[names[0]][0][0], results[peer][0][0]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[names[1]]:.2f}x; "
+        print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[peer]:.2f}x; "
+              f"greedy tokens identical for the first {same} of {n}")
+    forward = next((k for k in names if "QLORA_DECODE=model" in k), None)
+    if forward:
+        a, b = results[names[0]][0][0], results[forward][0][0]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"qlora's decode step / transformers' forward: {rates[names[0]] / rates[forward]:.2f}x; "
               f"greedy tokens identical for the first {same} of {n}")
     print("answer (qlora):", repr(tokenizer.decode(results[names[0]][0][0], skip_special_tokens=True)[:200]))
 

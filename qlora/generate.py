@@ -2,8 +2,9 @@
 
 The loop is ours rather than `model.generate` so that streaming needs no thread, stop strings never
 leak into the output, and a seed fixes the result: sampling draws from a private torch.Generator,
-never the global RNG. The cache is whatever the model's forward returns (a transformers
-DynamicCache): the prompt is run once, then each step feeds one token.
+never the global RNG. The prompt is run once through the model's forward; then each step feeds
+one token, through qlora/decode.py's compiled step and its own KV cache for llama-family 4-bit
+models, else through the model's forward again with the cache it returned (a transformers Cache).
 
     prompt (text | chat messages | token ids) -> ids -> prefill -> [pick, decode, step]* -> text
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import decode
 from .errors import QloraError
 
 Prompt = str | list[dict] | list[int]
@@ -160,15 +162,23 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
         gen.manual_seed(s.seed)
     with torch.inference_mode():  # entered around each forward only: a yield must not leak the mode to the caller
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        step = decode.decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
+        if step is not None:
+            step.load(out.past_key_values, len(ids))
+    logits = out.logits[0, -1]
     for i in range(budget):
         if cancel and cancel():
             return
-        token = pick(out.logits[0, -1], s, gen)
+        token = pick(logits, s, gen)
         yield token
         if i + 1 < budget:
             with torch.inference_mode():
-                out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
-                            use_cache=True)
+                if step is not None:
+                    logits = step.step(token)
+                else:
+                    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
+                                use_cache=True)
+                    logits = out.logits[0, -1]
 
 
 def pick(logits: torch.Tensor, s: GenerationSettings, gen: torch.Generator) -> int:

@@ -164,8 +164,15 @@ class CpuKernels:
         lib.qlora_dequantize_8bit.argtypes = [p, p, p, i64, i64, p, i32]
         lib.qlora_gemm_4bit.argtypes = [p, i64, i64, p, p, p, p, p, f32, i64, p, i64, i64, p, i32]
         lib.qlora_dropout.argtypes = [p, p, i64, i32, ctypes.c_uint32, f32, ctypes.c_uint32, i32]
+        lib.qlora_gemv_simd.restype = i32
+        lib.qlora_decode_linear.argtypes = [p, i64, p, p]
+        lib.qlora_gemv_bf16.argtypes = [p, i64, i64, p, p, i32]
+        lib.qlora_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p]
+        lib.qlora_llama_step.argtypes = [p, i64, i64, p]
+        lib.qlora_llama_step.restype = i32
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
+        self.gemv_simd = bool(lib.qlora_gemv_simd())  # AVX512-BF16 dot products (else scalar)
 
     def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """torch.empty for an output the kernel fills; 2 MiB pages when it spans several (a fresh
@@ -260,6 +267,56 @@ class CpuKernels:
                                   *(None if t is None else t.data_ptr() for t in scales), offset, nested_bs,
                                   code.data_ptr(), n_out, blocksize, out.data_ptr(), torch.get_num_threads())
         return out
+
+    def decode_linears(self, specs, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (fp32, the specs' summed n) = each linear of `specs` (a decoding.DecodeLinears)
+        applied to x (bf16, k), outputs one after another; see csrc/decode_cpu.cpp. One token only."""
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.numel() != specs.k:
+            raise ValueError(f"x must be a contiguous bfloat16 vector of {specs.k}, got {x.dtype} {tuple(x.shape)}")
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != specs.n:
+            raise ValueError(f"out must be a contiguous float32 vector of {specs.n}, got {out.dtype} {tuple(out.shape)}")
+        self._lib.qlora_decode_linear(ctypes.byref(specs.array), len(specs.array), x.data_ptr(), out.data_ptr())
+        return out
+
+    def gemv_bf16(self, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+                  round_bf16: bool = False) -> torch.Tensor:
+        """w (n, k) bf16 · x (k,) bf16 -> (n,) fp32 (fp32 sums), single-threaded; `round_bf16`: the
+        values rounded to bf16 (a bf16 linear's output), still stored as fp32."""
+        n, k = w.shape
+        if w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.numel() != k or not w.is_contiguous():
+            raise ValueError(f"expected contiguous bf16 w (n, k) and x (k,), got {w.dtype} {tuple(w.shape)}, "
+                             f"{x.dtype} {tuple(x.shape)}")
+        out = torch.empty(n, dtype=torch.float32) if out is None else out
+        x = x.contiguous()
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != n:
+            raise ValueError(f"out must be a contiguous float32 vector of {n}")
+        self._lib.qlora_gemv_bf16(w.data_ptr(), n, k, x.data_ptr(), out.data_ptr(), int(round_bf16))
+        return out
+
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+                         scale: float, out: torch.Tensor) -> torch.Tensor:
+        """softmax(scale · q·Kᵀ)·V for one query row, fp32: q (H, D); keys, values (KV, capacity, D)
+        contiguous, the first `length` positions used; kv head of head h = h // (H // KV)."""
+        heads, d = q.shape
+        kv, capacity, dk = keys.shape
+        if not (q.dtype == keys.dtype == values.dtype == out.dtype == torch.float32 and dk == d
+                and values.shape == keys.shape and heads % kv == 0 and 0 < length <= capacity
+                and all(t.is_contiguous() for t in (q, keys, values, out)) and out.shape == q.shape):
+            raise ValueError("decode_attention: expected contiguous fp32 q (H, D), keys/values (KV, capacity, D), "
+                             f"out (H, D); got {tuple(q.shape)}, {tuple(keys.shape)}, length {length}")
+        self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * d, length,
+                                         heads, kv, d, scale, out.data_ptr())
+        return out
+
+    def llama_step(self, model, token: int, pos: int, logits: torch.Tensor) -> torch.Tensor:
+        """One decode step of a described llama model (a decoding.Llama): logits (vocab,) fp32 holding
+        bf16 values; the keys and values of `pos` land in its cache (csrc/llama_cpu.cpp)."""
+        if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != model.vocab:
+            raise ValueError(f"logits must be a contiguous float32 vector of {model.vocab}")
+        if self._lib.qlora_llama_step(ctypes.byref(model.struct), token, pos, logits.data_ptr()) != 0:
+            raise ValueError(f"token {token} or position {pos} out of range (vocab {model.vocab}, "
+                             f"capacity {model.capacity})")
+        return logits
 
     def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
         """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py)."""

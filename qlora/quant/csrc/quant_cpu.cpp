@@ -15,6 +15,8 @@
 #include <cfloat>
 #include <cstring>
 
+#include "common.h"
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -38,8 +40,6 @@ constexpr int64_t kLutSize = 65536;  // blockwise._LUT_SIZE
 // measured on 2 shared cores, against 40 us for a 576x576 weight alone).
 constexpr int64_t kParallelMin = int64_t(1) << 21;
 
-inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 // fp16 <-> fp32 as c10::Half does it (M. Dukhan's FP16 library): exact widening, RNE narrowing.
 inline float half_to_float(uint16_t h) {
@@ -57,13 +57,6 @@ inline uint16_t float_to_half(float f) {
   const uint32_t bits = bits_of(base);
   const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
   return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
-// fp32 -> bf16, round to nearest even, as c10::BFloat16 (a NaN becomes the canonical 0x7fc0).
-inline uint16_t float_to_bf16(float f) {
-  if (f != f) return 0x7fc0;
-  const uint32_t u = bits_of(f);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 template <int D> inline float load1(const void* x, int64_t i) {
@@ -248,13 +241,6 @@ template <int D> int64_t quantize4(const void* x, int64_t n, int64_t bs, const f
     if ((bits_of(absmax[b]) & 0x7fffffffu) >= 0x7f800000u) bad = std::min(bad, b);
   }
   return bad;
-}
-
-inline float block_scale(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
-                         const float* code8, float offset, int64_t nested_bs, int64_t b) {
-  if (qabsmax == nullptr) return absmax[b];
-  const float s = code8[qabsmax[b]] * nested_absmax[b / nested_bs];  // Double Quantization, then
-  return s + offset;                                                  // + offset as a second rounding
 }
 
 #ifdef QLORA_AVX512_BF16

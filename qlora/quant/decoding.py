@@ -1,0 +1,118 @@
+"""ctypes mirrors of the one-token decode kernels' descriptions (csrc/decode.h, csrc/llama_cpu.cpp).
+
+A description is raw pointers into tensors; each object here keeps the tensors it points into
+alive (`keep`), including the ones it derives for the kernels (fp32 scales and bias, bf16 LoRA A
+and B). Build it again if a weight changes: nothing here notices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .fast import _scale_args
+
+
+class _DecodeLinear(ctypes.Structure):
+    """struct QloraDecodeLinear of csrc/decode.h."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("packed", "absmax", "qabsmax", "nested_absmax", "code8", "code", "bias", "lora_a", "lora_b")]
+    _fields_ += [("offset", ctypes.c_float), ("scaling", ctypes.c_float)]
+    _fields_ += [(name, ctypes.c_int64) for name in ("nested_bs", "bs", "n", "k", "r")]
+
+
+class DecodeLinears:
+    """Linears that share one input, described for qlora_decode_linear: raw pointers to the 4-bit
+    codes and scales, plus the tensors derived for the kernel (fp32 scales and bias, bf16 LoRA A
+    and B), which this object keeps alive. Build it again if a weight changes."""
+
+    def __init__(self, layers: list[dict]):
+        self.keep: list[torch.Tensor] = []
+        self.array = (_DecodeLinear * len(layers))(*(self._one(**layer) for layer in layers))
+        self.k = layers[0]["shape"][1]
+        self.n = sum(layer["shape"][0] for layer in layers)
+        if any(layer["shape"][1] != self.k for layer in layers):
+            raise ValueError("linears decoded together must share their input size")
+
+    @staticmethod
+    def supports(shape, blocksize: int) -> bool:
+        """The kernel's layout condition: whole blocks per row, 64-weight steps per block."""
+        return len(shape) == 2 and shape[1] % blocksize == 0 and blocksize % 64 == 0
+
+    def _ptr(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _one(self, packed, absmax, code, blocksize, shape, nested=None, bias=None, lora_a=None, lora_b=None,
+             scaling=0.0) -> _DecodeLinear:
+        n, k = shape
+        if not self.supports(shape, blocksize) or packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
+            raise ValueError(f"4-bit weight {tuple(shape)} with blocksize {blocksize}: the decode kernel needs "
+                             "in_features % blocksize == 0 and blocksize % 64 == 0")
+        (a32, qa, nested_absmax, code8), offset, nested_bs = _scale_args(absmax, nested)
+        r = 0 if lora_a is None else lora_a.shape[0]
+        if r and (tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r)):
+            raise ValueError(f"LoRA A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit {tuple(shape)}")
+        bf16 = (lambda t: None if t is None else t.detach().to(torch.bfloat16).contiguous())
+        return _DecodeLinear(
+            self._ptr(packed.contiguous()), self._ptr(a32), self._ptr(qa), self._ptr(nested_absmax),
+            self._ptr(code8), self._ptr(code.float().contiguous()),
+            self._ptr(None if bias is None else bias.detach().float().contiguous()),
+            self._ptr(bf16(lora_a)), self._ptr(bf16(lora_b)), offset, float(scaling), nested_bs, blocksize, n, k, r)
+
+
+class _LlamaLayer(ctypes.Structure):
+    """struct QloraLlamaLayer of csrc/llama_cpu.cpp."""
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p)]
+    _fields_ += [(name, ctypes.POINTER(_DecodeLinear)) for name in ("qkv", "o", "gate_up", "down")]
+    _fields_ += [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+class _Llama(ctypes.Structure):
+    """struct QloraLlama of csrc/llama_cpu.cpp."""
+    _fields_ = [("layers", ctypes.POINTER(_LlamaLayer))]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("embed", "norm", "head")]
+    _fields_ += [("head_4bit", ctypes.POINTER(_DecodeLinear)), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+    _fields_ += [(name, ctypes.c_int64) for name in
+                 ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "capacity")]
+    _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class Llama:
+    """A llama-family model described for qlora_llama_step. `layers`: per layer (norm1, norm2,
+    qkv, o, gate_up, down), norms bf16 (hidden,), the rest DecodeLinears; keys/values: fp32
+    (layers, kv_heads, capacity, head_dim); cos/sin: bf16 (capacity, head_dim); head: bf16
+    (vocab, hidden) or a DecodeLinears."""
+
+    def __init__(self, layers, keys, values, embed, norm, head, cos, sin, heads: int, eps: float, scale: float):
+        n_layers, kv_heads, capacity, head_dim = keys.shape
+        bf16 = [embed, norm, cos, sin] + [t for layer in layers for t in layer[:2]]
+        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in bf16):
+            raise ValueError("embedding, norms and rotary tables must be contiguous bf16")
+        if keys.dtype != torch.float32 or values.shape != keys.shape or not keys.is_contiguous() or not values.is_contiguous():
+            raise ValueError("keys and values must be contiguous fp32 (layers, kv_heads, capacity, head_dim)")
+        if len(layers) != n_layers or tuple(cos.shape) != (capacity, head_dim) or cos.shape != sin.shape:
+            raise ValueError("cache, layers and rotary tables disagree on the layer count, capacity or head dim")
+        self.keep = [keys, values, embed, norm, head, cos, sin, layers]
+        self.vocab, self.capacity = embed.shape[0], capacity
+        ptr = lambda d: ctypes.cast(ctypes.byref(d.array), ctypes.POINTER(_DecodeLinear))  # noqa: E731
+        intermediate = layers[0][5].k
+        self._layers = (_LlamaLayer * n_layers)(*(
+            _LlamaLayer(n1.data_ptr(), n2.data_ptr(), ptr(qkv), ptr(o), ptr(gu), ptr(down),
+                        keys[i].data_ptr(), values[i].data_ptr())
+            for i, (n1, n2, qkv, o, gu, down) in enumerate(layers)))
+        for i, (_, _, qkv, o, gu, down) in enumerate(layers):
+            sizes = [len(qkv.array), len(o.array), len(gu.array), len(down.array)]
+            if sizes != [3, 1, 2, 1] or qkv.n != (heads + 2 * kv_heads) * head_dim or o.k != heads * head_dim \
+                    or gu.n != 2 * intermediate or down.k != intermediate:
+                raise ValueError(f"layer {i}: projections do not fit {heads} heads, {kv_heads} kv heads of {head_dim}")
+        head_bf16 = isinstance(head, torch.Tensor)
+        if head_bf16 and (head.dtype != torch.bfloat16 or not head.is_contiguous() or head.shape != embed.shape):
+            raise ValueError("the output head must be contiguous bf16 (vocab, hidden)")
+        self.struct = _Llama(
+            self._layers, embed.data_ptr(), norm.data_ptr(), head.data_ptr() if head_bf16 else None,
+            None if head_bf16 else ptr(head), cos.data_ptr(), sin.data_ptr(),
+            n_layers, embed.shape[1], heads, kv_heads, head_dim, intermediate, self.vocab, capacity, eps, scale)

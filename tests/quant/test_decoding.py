@@ -1,0 +1,95 @@
+"""The one-token decode kernels (csrc/decode_cpu.cpp) against float64 references, in both builds:
+a 4-bit linear with its LoRA branch equals x · dequantize(W, fp32)ᵀ + b + s·(x·Aᵀ)·Bᵀ with bf16 A
+and B up to fp32 summation order; the bf16 GEMV and the one-row attention likewise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora import quant
+from qlora.quant.decoding import DecodeLinears
+
+
+def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = quant.quantize(torch.randn(n, k, generator=g) * 0.05, "nf4", blocksize, double_quant)
+    spec = dict(packed=q.data, absmax=q.absmax, code=q.code, blocksize=blocksize, shape=(n, k), nested=q.nested,
+                bias=torch.randn(n, generator=g) if bias else None)
+    if lora:
+        spec.update(lora_a=torch.randn(8, k, generator=g) * 0.05, lora_b=torch.randn(n, 8, generator=g) * 0.05,
+                    scaling=0.5)
+    return q, spec
+
+
+def _expected(q, spec, x):
+    """float64: W in fp32 as dequantized, A and B rounded to bf16 (the kernel's copies)."""
+    xd = x.double()
+    y = quant.dequantize(q, torch.float32).double() @ xd
+    if spec["bias"] is not None:
+        y = y + spec["bias"].double()
+    if "lora_a" in spec:
+        a, b = (spec[key].bfloat16().double() for key in ("lora_a", "lora_b"))
+        y = y + spec["scaling"] * (b @ (a @ xd))
+    return y
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("lora,bias", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_linear_matches_dequantize_then_matmul(k, double_quant, lora, bias, blocksize):
+    q, spec = _linear(40, 384, blocksize, double_quant, lora, bias)
+    x = torch.randn(384).bfloat16()
+    out = k.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
+    torch.testing.assert_close(out.double(), _expected(q, spec, x), rtol=0, atol=5e-5)
+
+
+def test_linears_sharing_an_input_write_one_after_another(k):
+    (q1, s1), (q2, s2), (q3, s3) = (_linear(n, 256, seed=i) for i, n in enumerate((64, 16, 48)))
+    x = torch.randn(256).bfloat16()
+    out = k.decode_linears(DecodeLinears([s1, s2, s3]), x, torch.empty(128))
+    expected = torch.cat([_expected(q, s, x) for q, s in ((q1, s1), (q2, s2), (q3, s3))])
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=5e-5)
+
+
+def test_layouts_the_kernel_cannot_take_are_refused():
+    q, spec = _linear(8, 96, blocksize=32)  # 32-weight blocks: the kernel steps 64 at a time
+    assert not DecodeLinears.supports((8, 96), 32)
+    with pytest.raises(ValueError, match="blocksize"):
+        DecodeLinears([spec])
+    _, a = _linear(8, 128)
+    _, b = _linear(8, 256)
+    with pytest.raises(ValueError, match="share their input"):
+        DecodeLinears([a, b])
+
+
+def test_bad_inputs_are_refused(k):
+    _, spec = _linear(16, 128)
+    specs = DecodeLinears([spec])
+    with pytest.raises(ValueError, match="bfloat16"):
+        k.decode_linears(specs, torch.randn(128), torch.empty(16))
+    with pytest.raises(ValueError, match="float32"):
+        k.decode_linears(specs, torch.randn(128).bfloat16(), torch.empty(8))
+
+
+@pytest.mark.parametrize("n,dim", [(1000, 576), (37, 100), (5, 32)])  # dim 100: a masked tail
+def test_bf16_gemv(k, n, dim):
+    w, x = torch.randn(n, dim).bfloat16(), torch.randn(dim).bfloat16()
+    out = k.gemv_bf16(w, x)
+    expected = w.double() @ x.double()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+    rounded = k.gemv_bf16(w, x, round_bf16=True)
+    assert torch.equal(rounded, rounded.bfloat16().float())
+    assert (rounded.double() - expected).abs().max() <= expected.abs().max() * 2 ** -8
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,length", [(9, 3, 64, 37), (4, 4, 16, 1), (8, 2, 24, 200)])
+def test_attention_of_one_row(k, heads, kv_heads, dim, length):
+    capacity = length + 5
+    q, keys, values = torch.randn(heads, dim), torch.randn(kv_heads, capacity, dim), torch.randn(kv_heads, capacity, dim)
+    out = k.decode_attention(q, keys, values, length, dim ** -0.5, torch.empty(heads, dim))
+    expected = F.scaled_dot_product_attention(
+        q.double().view(1, heads, 1, dim), keys[:, :length].double().unsqueeze(0),
+        values[:, :length].double().unsqueeze(0), enable_gqa=True).view(heads, dim)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)

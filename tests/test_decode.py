@@ -1,0 +1,158 @@
+"""qlora/decode.py: the compiled llama decode step against its PyTorch definition and against the
+model's own forward; what falls back to the model's forward; the plan follows the weights.
+
+Tolerance against transformers' forward (teacher-forced, the same token history on both sides):
+|Δlogit| ≤ 3 % of the largest logit on a tiny model, ≤ 2 on SmolLM2-135M (logits up to ~45;
+measured ≤ 1.1 over 4 prompts × 48 tokens).
+That is the distance fp32 summation order alone puts between two correct paths once 30 bf16 layers
+amplify it: qlora's own fused 4-bit kernel against dequantize-then-matmul differs by ~0.8 there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora import decode, hf
+from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
+from qlora.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+PROMPT = "Once upon a time, in a land far away"
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """A tiny llama with weights large enough for a varied greedy sequence, plus an adapter."""
+    root = tmp_path_factory.mktemp("decode")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    model_dir = str(root / "model")
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    for layer in hf.lora_layers(net).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
+    hf.save_adapter(net, str(root / "adapter"), model_dir)
+    return load_model(model_dir, [str(root / "adapter")])
+
+
+def _teacher_forced(model, ids, n):
+    """(model forward logits, Decoder.step logits, Decoder.reference_step logits) along the
+    model's greedy path, n steps after the prompt."""
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        fast, ref = decode.decoder(model, len(ids) + n), decode.decoder(model, len(ids) + n)
+        fast.load(out.past_key_values, len(ids))
+        ref.load(out.past_key_values, len(ids))
+        cache, token, rows = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        for _ in range(n):
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append((out.logits[0, -1].float(), fast.step(token).clone(), ref.reference_step(token)))
+            token = int(out.logits[0, -1].argmax())
+    return rows
+
+
+def test_logits_match_the_models_forward(sharp):
+    model, tok = sharp
+    rows = _teacher_forced(model, tok(PROMPT)["input_ids"], 40)
+    scale = max(hf_logits.abs().max() for hf_logits, _, _ in rows)
+    assert max((hf_logits - fast).abs().max() for hf_logits, fast, _ in rows) <= 0.03 * scale
+    assert len({int(hf_logits.argmax()) for hf_logits, _, _ in rows}) > 10  # a varied sequence
+    # the compiled step is its PyTorch definition: equal until a last-bit difference (exp, the
+    # order of a sum) flips a bf16 rounding somewhere, then apart by the same noise
+    _, fast, ref = rows[0]
+    assert (fast != ref).float().mean() <= 0.02
+    assert max((fast - ref).abs().max() for _, fast, ref in rows) <= 0.03 * scale
+    assert all(torch.equal(fast, fast.bfloat16().float()) for _, fast, _ in rows)  # bf16 logits, as the model's
+
+
+def test_sample_takes_the_decoder_and_agrees_with_the_forward(sharp, monkeypatch):
+    model, tok = sharp
+    ids = tok(PROMPT)["input_ids"]
+    steps = []
+    real = decode.Decoder.step
+    monkeypatch.setattr(decode.Decoder, "step", lambda self, token: steps.append(token) or real(self, token))
+    ours = list(sample(model, ids, GenerationSettings(), 20))
+    assert len(steps) == 19  # every token after the first comes from the decoder
+    monkeypatch.setenv("QLORA_DECODE", "model")
+    assert decode.decoder(model, 100) is None
+    theirs = list(sample(model, ids, GenerationSettings(), 20))
+    assert ours[:8] == theirs[:8]  # greedy; a bf16 flip may part them later on a random model
+
+
+def test_plan_follows_the_adapter_weights(sharp):
+    model, tok = sharp
+    ids = tok(PROMPT)["input_ids"]
+    list(sample(model, ids, GenerationSettings(), 3))
+    plan = model._qlora_decode_plan
+    lora = hf.lora_layers(model)
+    with torch.no_grad():
+        for layer in lora.values():
+            layer.lora_B.weight.mul_(4)  # in place: the same tensors, new versions
+    try:
+        rows = _teacher_forced(model, ids, 8)
+        assert model._qlora_decode_plan is not plan
+        scale = max(hf_logits.abs().max() for hf_logits, _, _ in rows)
+        assert max((hf_logits - fast).abs().max() for hf_logits, fast, _ in rows) <= 0.03 * scale
+    finally:
+        with torch.no_grad():
+            for layer in lora.values():
+                layer.lora_B.weight.div_(4)
+
+
+def test_cache_capacity_is_enforced(sharp):
+    model, tok = sharp
+    ids = tok(PROMPT)["input_ids"]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        d = decode.decoder(model, len(ids) + 1)
+        d.load(out.past_key_values, len(ids))
+        d.step(5)
+        with pytest.raises(ValueError, match="out of range"):
+            d.step(5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "gpt2"])
+def test_other_architectures_use_the_models_forward(tmp_path, arch):
+    model, _ = load_model(save_tiny(str(tmp_path / arch), arch))
+    assert decode.decoder(model, 64) is None
+
+
+def test_unquantized_and_dropout_layers_use_the_models_forward(tmp_path, sharp):
+    model_dir = save_tiny(str(tmp_path / "llama"))
+    assert decode.supported(load_model(model_dir)[0])
+    assert not decode.supported(hf.load(model_dir, quant_type="bf16")[0])
+    training, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.1))
+    assert not decode.supported(training.train())
+    assert decode.supported(training.eval())  # dropout is off in eval mode
+
+
+@pytest.mark.slow
+def test_smollm2_with_the_demo_adapter(tmp_path):
+    """The real model: greedy answers identical to the model's forward on the benchmark prompt and
+    three more (up to the end of the answer), logits within 2 along the way (measured: <= 1.1)."""
+    pytest.importorskip("gguf")
+    import pathlib
+
+    adapter = pathlib.Path(__file__).resolve().parents[1] / "runs" / "demo"
+    if not (adapter / "adapter_model.safetensors").exists():
+        pytest.skip("no demo adapter in runs/demo (run `qlora train` first)")
+    model, tok = load_model(None, [str(adapter)])
+    prompts = [[{"role": "system", "content": "Extract the person's name, age, city and year as JSON."},
+                {"role": "user", "content": "In 2018, 79-year-old Victor Sharma relocated to Sydney."}],
+               [{"role": "system", "content": "Extract the person's name, age, city and year as JSON."},
+                {"role": "user", "content": "Maria Lopez, 34, moved to Lisbon in 2021."}],
+               [{"role": "user", "content": "Give three tips for staying healthy."}],
+               "The capital of France is"]
+    for prompt in prompts:
+        ids = encode_prompt(tok, prompt)
+        rows = _teacher_forced(model, ids, 24)
+        assert max((a - b).abs().max() for a, b, _ in rows) <= 2.0
+        ours = list(sample(model, ids, GenerationSettings(), 25))
+        greedy = [int(a.argmax()) for a, _, _ in rows]
+        end = greedy.index(tok.eos_token_id) if tok.eos_token_id in greedy else len(greedy)
+        assert ours[1: end + 1] == greedy[:end]
