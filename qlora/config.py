@@ -54,6 +54,8 @@ class TrainConfig:
     """Which linear layers get adapters: every linear layer (paper) or attention projections only."""
     rslora: bool = False
     """Rank-stabilized scaling alpha/sqrt(r)."""
+    lora_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
     # ---- data ----
     data: Optional[str] = None
     """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""

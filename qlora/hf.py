@@ -326,8 +326,9 @@ def _quantize_layer(module: nn.Module, name: str, kw: dict) -> Linear4bit:
 
 
 def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: str = "all",
-             rslora: bool = False) -> list[str]:
-    """Wrap target linear layers with LoRALinear and freeze everything else. Returns wrapped names."""
+             rslora: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Wrap target linear layers with LoRALinear (A and B in `dtype`) and freeze everything else.
+    Returns wrapped names."""
     for p in net.parameters():
         p.requires_grad_(False)
     names = [n for n, m in net.named_modules()
@@ -337,7 +338,7 @@ def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 
     if not names:
         raise QloraError(f"no linear layers match lora_targets={targets!r}")
     for name in names:
-        _set_module(net, name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora))
+        _set_module(net, name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype))
     net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
     return names
 

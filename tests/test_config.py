@@ -8,6 +8,7 @@ def test_defaults_are_the_papers():
     assert (c.lr, c.lora_r, c.lora_alpha, c.lora_dropout, c.max_grad_norm, c.weight_decay) == (2e-4, 64, 16.0, 0.05, 0.3, 0.0)
     assert (c.quant_type, c.double_quant, c.blocksize, c.optimizer, c.lr_scheduler) == ("nf4", True, 64, "paged_adamw", "constant")
     assert c.warmup_ratio == 0.03 and c.lora_targets == "all"
+    assert c.lora_dtype == "float32"  # qlora's default; the paper's code casts LoRA to bf16 (--lora-dtype bfloat16)
 
 
 def test_every_field_has_a_docstring():
@@ -28,6 +29,7 @@ def test_coercion_from_strings():
     ({"batch_size": -1}, "batch_size must be > 0"),
     ({"lr": 0}, "lr must be > 0"),
     ({"quant_type": "nf3"}, "quant_type: 'nf3' is not one of"),
+    ({"lora_dtype": "float16"}, "lora_dtype: 'float16' is not one of float32, bfloat16"),
     ({"blocksize": 100}, "blocksize must be a power of two"),
     ({"double_quant": "maybe"}, "double_quant: expected true/false"),
     ({"lora_dropout": 1.5}, "lora_dropout must be in"),

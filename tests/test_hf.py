@@ -71,11 +71,12 @@ def test_adapter_round_trip_and_peft_key_names(tiny_llama, tmp_path):
     torch.testing.assert_close(fresh(_ids(tok)).logits, model(_ids(tok)).logits, rtol=0, atol=0)
 
 
-def test_peft_loads_our_adapter_and_we_load_peft(tiny_llama, tmp_path):
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])  # saved in the dtype it trains in
+def test_peft_loads_our_adapter_and_we_load_peft(tiny_llama, tmp_path, lora_dtype):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    model, tok = hf.load(tiny_llama, lora=dict(r=4, alpha=8, dropout=0.0))
+    model, tok = hf.load(tiny_llama, lora=dict(r=4, alpha=8, dropout=0.0, dtype=lora_dtype))
     torch.manual_seed(0)
     for layer in hf.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)

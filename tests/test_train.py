@@ -88,14 +88,16 @@ def test_accumulation_is_token_weighted(tiny_llama, tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
-def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, lora_dtype", [("adamw", "float32"), ("paged_adamw_8bit", "float32"),
+                                                   ("paged_adamw", "bfloat16")])
+def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype):
     from safetensors.torch import load_file
 
-    full = fit(setup(_cfg(tmp_path / "full", tiny_llama, optimizer=optimizer)), progress=False)
-    part_cfg = _cfg(tmp_path / "part", tiny_llama, optimizer=optimizer, max_steps=3)
+    kw = dict(optimizer=optimizer, lora_dtype=lora_dtype)
+    full = fit(setup(_cfg(tmp_path / "full", tiny_llama, **kw)), progress=False)
+    part_cfg = _cfg(tmp_path / "part", tiny_llama, max_steps=3, **kw)
     fit(setup(part_cfg), progress=False)
-    resumed = fit(setup(_cfg(tmp_path / "part", tiny_llama, optimizer=optimizer, resume="latest")), progress=False)
+    resumed = fit(setup(_cfg(tmp_path / "part", tiny_llama, resume="latest", **kw)), progress=False)
     read = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     assert read(full["output_dir"]) == read(resumed["output_dir"])
     a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
@@ -152,6 +154,36 @@ def test_resume_refuses_other_settings(tiny_llama, tmp_path):
     fit(setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=2)), progress=False)
     with pytest.raises(QloraError, match="lora_r=4"):
         fit(setup(_cfg(tmp_path, tiny_llama, max_steps=4, lora_r=8, resume="latest")), progress=False)
+    with pytest.raises(QloraError, match="lora_dtype='float32'"):
+        fit(setup(_cfg(tmp_path, tiny_llama, max_steps=4, lora_dtype="bfloat16", resume="latest")), progress=False)
+
+
+def test_bf16_lora_only_adapters_change_dtype_and_are_saved_in_bf16(tiny_llama, tmp_path):
+    """lora_dtype=bfloat16: A and B (and so their gradients) are bf16, every other tensor is as in
+    an fp32-LoRA run, A starts as the fp32 run's A rounded; the adapter file holds the bf16 values
+    as they are and loads into fp32 LoRA layers (inference) exactly."""
+    from safetensors.torch import load_file
+
+    runs = {d: setup(_cfg(tmp_path / d, tiny_llama, lora_dtype=d, max_steps=2, save_steps=0))
+            for d in ("float32", "bfloat16")}
+    params = {d: dict(r.model.named_parameters()) for d, r in runs.items()}
+    assert params["float32"].keys() == params["bfloat16"].keys()
+    trainable = {n for n, p in params["bfloat16"].items() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in trainable)
+    for n, p in params["bfloat16"].items():
+        p32 = params["float32"][n]
+        assert p.dtype == (torch.bfloat16 if n in trainable else p32.dtype), n
+        assert torch.equal(p, p32.to(p.dtype)), n
+    fit(runs["bfloat16"], progress=False)
+    out = tmp_path / "bfloat16" / "out"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    live = hf.adapter_state_dict(runs["bfloat16"].model)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, live[k]) for k, t in saved.items())
+    assert any(bool(t.any()) for k, t in saved.items() if "lora_B" in k)  # it trained
+    model, _ = hf.load(tiny_llama, adapters=[str(out)])
+    for name, layer in hf.lora_layers(model).items():
+        assert layer.lora_A.weight.dtype == torch.float32
+        assert torch.equal(layer.lora_B.weight, saved[f"base_model.model.{name}.lora_B.weight"].float())
 
 
 def test_cli_end_to_end(tiny_llama, tmp_path):

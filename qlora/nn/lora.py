@@ -3,7 +3,9 @@
 Hu et al. 2021; QLoRA puts it on every linear layer of a 4-bit base (paper section 3, eq. 6).
 A is Kaiming-uniform and B is zero, so a freshly wrapped layer computes exactly the base output.
 Wrapping composes with any linear (Linear4bit or nn.Linear); `merge()` is its exact inverse up to
-the merged weight's dtype.
+the merged weight's dtype. A and B are stored in `dtype`: fp32 by default; bf16 halves the adapter
+and its gradients (the paper's code casts LoRA to bf16), and since the product is formed in the
+bf16 compute dtype either way, the forward equals the fp32 one with A and B rounded to bf16.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's choice
+        # drawn in fp32 whatever the storage dtype: bf16 adapters start from the fp32 run's A, rounded
+        # (uniform_ on a bf16 tensor draws a different sequence)
+        a = torch.empty(self.lora_A.weight.shape, device=self.lora_A.weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's choice
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,7 @@ class LoRALinear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = base(x)
         a = self.lora_A.weight.to(x.dtype)  # (r, in): computed in the activation dtype,
-        b = self.lora_B.weight.to(x.dtype)  # gradients flow back to the fp32 parameters
+        b = self.lora_B.weight.to(x.dtype)  # gradients flow back in the parameters' dtype
         return y + F.linear(F.linear(seeded.dropout(x, p), a), b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:

@@ -7,6 +7,8 @@
 
 The four kinds are two choices: fp32 or 8-bit state (state.py), resident or paged storage
 (paging.py). Checkpoints depend only on the first: a paged run resumes unpaged and vice versa.
+Parameters may be bf16 (lora_dtype): the update runs on an fp32 copy, state as for fp32 ones,
+and is written back with stochastic rounding (rounding.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ..errors import QloraError
 from .paging import PagedPages, ResidentPages, store_bytes
+from .rounding import seed_for, stochastic_round_
 from .state import Codebooks, StateLayout, fmt_bytes, update_state
 from .store import FileStore, PinnedStore
 
@@ -71,7 +74,9 @@ class AdamW:
         param32 = p.float()  # the parameter itself when it is fp32 (in-place under no_grad)
         update_state(layout, state, param32, p.grad.float(), self._codebooks, step=self._steps[i],
                      lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        if param32 is not p:  # low-precision parameter: round the fp32 result once
+        if p.dtype == torch.bfloat16:  # round the fp32 result once, stochastically (rounding.py)
+            stochastic_round_(p, param32, seed_for(i, self._steps[i]))
+        elif param32 is not p:  # fp16: to nearest
             p.copy_(param32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -134,3 +134,69 @@ def test_few_token_no_grad_path_is_the_fp32_formula():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0.02)
+
+
+def _pair(base, dropout=0.0):
+    """(fp32 layer, bf16 layer) over `base` holding the same bf16-representable A and B."""
+    torch.manual_seed(0)
+    fp32 = LoRALinear(base, r=8, alpha=16, dropout=dropout)
+    torch.nn.init.normal_(fp32.lora_B.weight)
+    bf16 = LoRALinear(base, r=8, alpha=16, dropout=dropout, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            w = getattr(fp32, name).weight
+            w.copy_(w.bfloat16())
+            getattr(bf16, name).weight.copy_(w)
+    return fp32, bf16
+
+
+def test_bf16_init_is_the_fp32_init_rounded():
+    base = Linear4bit.from_linear(torch.nn.Linear(576, 192))
+    torch.manual_seed(0)
+    fp32 = LoRALinear(base, r=64, alpha=16)
+    after_fp32 = torch.rand(4)
+    torch.manual_seed(0)
+    bf16 = LoRALinear(base, r=64, alpha=16, dtype=torch.bfloat16)
+    assert bf16.lora_A.weight.dtype == bf16.lora_B.weight.dtype == torch.bfloat16
+    assert torch.equal(bf16.lora_A.weight, fp32.lora_A.weight.bfloat16())
+    assert torch.count_nonzero(bf16.lora_B.weight) == 0
+    assert torch.equal(torch.rand(4), after_fp32)  # the same random draws were consumed
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_bf16_lora_training_path_is_the_fp32_path_with_rounded_weights(p):
+    """The product is formed in the bf16 compute dtype either way, so bf16 A and B give the fp32
+    layer's output bit for bit when it holds the same (rounded) values; their gradients are the
+    fp32 layer's, which are bf16 products themselves, without the widening."""
+    base = Linear4bit.from_linear(torch.nn.Linear(128, 96), compute_dtype=torch.bfloat16)
+    fp32, bf16 = _pair(base, dropout=p)
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 5, 96, dtype=torch.bfloat16)
+    results = []
+    for layer in (fp32, bf16):
+        torch.manual_seed(1)  # the same dropout seed for both
+        y = layer(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+        x.grad = None
+    (y32, gx32, ga32, gb32), (y16, gx16, ga16, gb16) = results
+    assert ga16.dtype == gb16.dtype == torch.bfloat16 and ga32.dtype == torch.float32
+    assert torch.equal(y16, y32) and torch.equal(gx16, gx32)
+    assert torch.equal(ga16.float(), ga32) and torch.equal(gb16.float(), gb32)
+
+
+def test_bf16_lora_no_grad_and_16bit_base_paths_equal_fp32_with_rounded_weights():
+    base4 = Linear4bit.from_linear(torch.nn.Linear(128, 48), compute_dtype=torch.bfloat16)
+    base16 = torch.nn.Linear(128, 48).to(torch.bfloat16)
+    x_decode = torch.randn(1, 2, 128, dtype=torch.bfloat16)  # the fp32 few-token path
+    x_prefill = torch.randn(2, 40, 128, dtype=torch.bfloat16)  # the 4-bit no-grad path
+    for base, x in ((base4, x_decode), (base4, x_prefill), (base16, x_prefill)):
+        fp32, bf16 = (m.eval() for m in _pair(base))
+        with torch.no_grad():
+            assert torch.equal(bf16(x), fp32(x))
+    fp32, bf16 = _pair(base16)
+    y32, y16 = fp32(x_prefill), bf16(x_prefill)  # 16-bit base with grad: plain autograd
+    assert torch.equal(y16, y32)
+    y32.sum().backward()
+    y16.sum().backward()
+    assert torch.equal(bf16.lora_A.weight.grad.float(), fp32.lora_A.weight.grad)

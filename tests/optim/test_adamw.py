@@ -84,15 +84,29 @@ def test_none_grad_skips_parameter_and_its_step_count():
     assert opt.meta()["params"]["p1"]["step"] == 2 and opt.meta()["step"] == 4
 
 
-def test_bf16_parameter_updates_in_fp32_and_rounds_once():
-    p = torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
-    master = p.detach().float().clone()
-    m, v = torch.zeros_like(master), torch.zeros_like(master)
-    opt = build_optimizer([("w", p)], "adamw", lr=1e-2)
-    g = torch.randn(64, 64).to(torch.bfloat16)
-    p.grad = g
-    opt.step()
-    adamw_update(master, g.float(), m, v, step=1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    assert p.dtype == torch.bfloat16
-    assert torch.equal(p.detach(), master.to(torch.bfloat16))
-    assert torch.equal(opt.state_tensors()["w.exp_avg"], m)
+@pytest.mark.parametrize("kind", ["adamw", "paged_adamw"])
+def test_bf16_parameter_updates_in_fp32_and_rounds_once_stochastically(kind, tmp_path):
+    """Per step: widen the bf16 weight, the fp32 AdamW update on fp32 state, one stochastic
+    rounding seeded by (parameter index, step) - equal to that reference bit for bit."""
+    from qlora.optim.rounding import seed_for, stochastic_round_
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16)) for s in ((64, 64), (8, 300))]
+    ref = [p.detach().clone() for p in params]
+    moments = [(torch.zeros(p.shape), torch.zeros(p.shape)) for p in params]
+    kw = dict(memory_budget=40_000, offload_dir=str(tmp_path)) if kind.startswith("paged") else {}  # pages out
+    opt = build_optimizer([(f"w{i}", p) for i, p in enumerate(params)], kind, lr=1e-3, weight_decay=0.1, **kw)
+    for step in range(1, 4):
+        for i, (p, r, (m, v)) in enumerate(zip(params, ref, moments)):
+            g = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            p.grad = g
+            master = r.float()
+            adamw_update(master, g.float(), m, v, step=step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                         weight_decay=0.1)
+            stochastic_round_(r, master, seed_for(i, step))
+        opt.step()
+        for p, r in zip(params, ref):
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), r)
+    assert torch.equal(opt.state_tensors()["w0.exp_avg"], moments[0][0])
+    assert torch.equal(opt.state_tensors()["w1.exp_avg_sq"], moments[1][1])
+    assert (opt.stats()["bytes_out"] > 0) == kind.startswith("paged")
