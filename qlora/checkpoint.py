@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -77,6 +78,8 @@ def save(ckpt_root: Path, step: int, adapter_writer, optimizer, trainer_state: d
     """Write checkpoint `step-XXXXXX` atomically, update `latest`, prune to the newest `keep`."""
     from safetensors.torch import save_file
 
+    from .safetensors_writer import write_streaming
+
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     final = ckpt_root / name
@@ -84,7 +87,8 @@ def save(ckpt_root: Path, step: int, adapter_writer, optimizer, trainer_state: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     adapter_writer(str(tmp))
-    save_file(optimizer.state_tensors(), str(tmp / "optimizer.safetensors"))
+    # streamed one parameter's state at a time: save_file would want all of it in memory at once
+    write_streaming(tmp / "optimizer.safetensors", optimizer.state_specs(), optimizer.iter_state())
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, step=step, optimizer=optimizer.meta(), rng=rng_meta)
@@ -179,9 +183,13 @@ def find_resume(output_dir: str, resume: str) -> Path:
     raise QloraError(f"{root}: no checkpoint verifies against its manifest")
 
 
-def load(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """-> (trainer_state, optimizer tensors, rng tensors). Adapter weights are read by the caller."""
+def load(ckpt: Path) -> tuple[dict, Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """-> (trainer_state, optimizer tensors, rng tensors). Adapter weights are read by the caller.
+    Optimizer tensors are read from disk as they are asked for (AdamW.load_state takes them one
+    parameter at a time), not all at once beside the optimizer's own copy."""
     from safetensors.torch import load_file
 
+    from .safetensors_reader import TensorFile
+
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    return state, load_file(str(ckpt / "optimizer.safetensors")), load_file(str(ckpt / "rng.safetensors"))
+    return state, TensorFile(ckpt / "optimizer.safetensors"), load_file(str(ckpt / "rng.safetensors"))

@@ -8,8 +8,8 @@ one row; keys and values go to a cache allocated once for the whole generation.
 
 The arithmetic is LlamaDecoderLayer's in bf16, rounding to bf16 at the same points (norm outputs,
 each projection, rotary, activations, residual adds, logits), with three differences:
-  - attention runs in fp32 over an fp32 cache holding the bf16 keys and values (bf16 SDPA on one
-    query row is 4-10x slower on CPU, and no more exact);
+  - attention runs in fp32 (over the same bf16 keys and values; bf16 SDPA on one query row is
+    4-10x slower on CPU, and no more exact);
   - 4-bit weights and LoRA products are summed in another order (fp32 sums either way);
   - LoRA A and B are used as bf16 copies, as the training forward uses them (qlora/nn/lora.py);
     the fp32 product A·x enters B in full.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .nn import Linear4bit, LoRALinear
 from .quant import kernels
-from .quant.decoding import DecodeLinears, Llama
+from .quant.decoding import DecodeLinears, Llama, block_keys, unblock_keys
 
 _ARCHS = ("llama",)
 _ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at init ("dynamic" changes with length)
@@ -63,13 +63,16 @@ class Plan:
 
 
 class Decoder:
-    """One generation: the KV cache (layers, kv heads, capacity, head dim) in fp32 and the position."""
+    """One generation: the KV cache and the position. bf16 as the model's keys and values are;
+    values (layers, kv heads, capacity, head dim), keys in blocks of 16 positions, transposed
+    (decoding.block_keys), for the kernel."""
 
     def __init__(self, plan: Plan, capacity: int):
         p = plan
+        capacity = -(-capacity // 16) * 16
         self.plan, self.capacity, self.pos = plan, capacity, 0
-        shape = (len(p.layers), p.kv_heads, capacity, p.head_dim)
-        self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
+        self.keys = torch.zeros(len(p.layers), p.kv_heads, capacity // 16, p.head_dim, 16, dtype=torch.bfloat16)
+        self.values = torch.zeros(len(p.layers), p.kv_heads, capacity, p.head_dim, dtype=torch.bfloat16)
         # the rotary module's own cos/sin (bf16) for every position, computed once
         cos, sin = p.rotary(p.embed[:1].unsqueeze(0), torch.arange(capacity).unsqueeze(0))
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
@@ -81,7 +84,8 @@ class Decoder:
     def load(self, cache, length: int) -> None:
         """Take the prompt's keys and values from the model's own cache (a transformers Cache)."""
         for i, layer in enumerate(cache.layers):
-            self.keys[i, :, :length] = layer.keys[0, :, :length]
+            blocked = block_keys(layer.keys[0, :, :length])
+            self.keys[i, :, : blocked.shape[1]] = blocked
             self.values[i, :, :length] = layer.values[0, :, :length]
         self.pos = length
 
@@ -102,11 +106,11 @@ class Decoder:
         for i, (norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(p.layers):
             qkv = _linear(k, qkv_proj, _rms_norm(h, norm1, p.eps))
             qk = _rotary(qkv[: nq + nkv].view(-1, d), cos, sin)  # q heads, then k heads
-            self.keys[i, :, pos] = qk[p.heads:]
+            self.keys[i, :, pos // 16, :, pos % 16] = qk[p.heads:]
             self.values[i, :, pos] = qkv[nq + nkv:].view(-1, d)
             att = F.scaled_dot_product_attention(  # fp32, over the cache so far
-                qk[: p.heads].float().view(1, p.heads, 1, d), self.keys[i, :, : pos + 1].unsqueeze(0),
-                self.values[i, :, : pos + 1].unsqueeze(0), scale=p.scale, enable_gqa=True)
+                qk[: p.heads].float().view(1, p.heads, 1, d), unblock_keys(self.keys[i], pos + 1).float().unsqueeze(0),
+                self.values[i, :, : pos + 1].float().unsqueeze(0), scale=p.scale, enable_gqa=True)
             h = h + _linear(k, o_proj, att.to(torch.bfloat16).view(-1))
             gate, up = _linear(k, gate_up_proj, _rms_norm(h, norm2, p.eps)).split(p.intermediate)
             h = h + _linear(k, down_proj, F.silu(gate) * up)

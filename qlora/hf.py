@@ -384,14 +384,19 @@ def adapter_config(net: nn.Module, base_model: str | None = None) -> dict:
 
 
 def save_adapter(net: nn.Module, out_dir: str, base_model: str | None = None) -> None:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout). Not atomic by
-    itself: callers write into a fresh directory and rename (see checkpoint.py)."""
-    from safetensors.torch import save_file
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's layout), A and B in the dtype
+    they train in (bf16 with lora_dtype=bfloat16: the file is half the size, and PEFT and
+    load_adapter widen it on load). Written straight from the weights, no copy (peak memory is
+    the training step's). Not atomic by itself: callers write into a fresh directory and rename
+    (see checkpoint.py)."""
+    from .safetensors_writer import write_streaming
 
     os.makedirs(out_dir, exist_ok=True)
     # the base's 4-bit format travels in the safetensors header, keeping adapter_config.json pure PEFT
     meta = {"format": "pt", "qlora_quant": json.dumps(getattr(net, "qlora_quant", None))}
-    save_file(adapter_state_dict(net), os.path.join(out_dir, "adapter_model.safetensors"), metadata=meta)
+    sd = adapter_state_dict(net)
+    write_streaming(os.path.join(out_dir, "adapter_model.safetensors"),
+                    [(k, t.dtype, tuple(t.shape)) for k, t in sd.items()], sd.items(), metadata=meta)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(net, base_model), f, indent=2)
 

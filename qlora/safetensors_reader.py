@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -78,10 +78,38 @@ def iter_tensors(paths: list[str | os.PathLike], map_if=None) -> Iterator[tuple[
                     view = torch.empty(0, dtype=torch.uint8).set_(mapping, start, (end - begin,))
                     yield name, view.view(dtype).reshape(entry["shape"]), True
                     continue
-                view, offset = memoryview(buffer[: end - begin].numpy()), start
-                while len(view):  # pread may return fewer bytes than asked
-                    got = os.preadv(f.fileno(), [view], offset)
-                    if got == 0:
-                        raise QloraError(f"{path}: ends inside tensor '{name}' (truncated download?)")
-                    view, offset = view[got:], offset + got
+                _pread(f.fileno(), buffer[: end - begin], start, path, name)
                 yield name, buffer[: end - begin].view(dtype).reshape(entry["shape"]), False
+
+
+def _pread(fd: int, out: torch.Tensor, offset: int, path, name: str) -> None:
+    view = memoryview(out.numpy())
+    while len(view):  # pread may return fewer bytes than asked
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise QloraError(f"{path}: ends inside tensor '{name}' (truncated download?)")
+        view, offset = view[got:], offset + got
+
+
+class TensorFile(Mapping):
+    """{name: tensor} over one file, read on demand: each access reads that tensor from disk into
+    a fresh tensor, so a caller that goes tensor by tensor holds one at a time (a checkpoint's
+    optimizer state on resume) where safetensors' load_file holds them all."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self._header, self._data_start = read_header(path)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._header[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            _pread(f.fileno(), out, self._data_start + begin, self.path, name)
+        return out.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)

@@ -74,15 +74,18 @@ def test_bf16_baseline_and_quantized_head():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("targets", ["all", "attention"])
-def test_lora_params_match_add_lora(arch, targets):
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_lora_params_match_add_lora(arch, targets, lora_dtype):
     model = tiny_model(arch)
     cfg = model.config.to_dict()
     hf.quantize_model(model)  # GPT-2's Conv1D becomes a Linear4bit, as in the trainer
-    hf.add_lora(model, r=8, targets=targets)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    b = estimate(cfg, lora_r=8, lora_targets=targets)
-    assert b.n_lora_params == trainable
-    assert b.lora_weights == b.lora_grads == 4 * trainable
+    hf.add_lora(model, r=8, targets=targets, dtype=getattr(torch, lora_dtype))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    b = estimate(cfg, lora_r=8, lora_targets=targets, lora_dtype=lora_dtype)
+    assert b.n_lora_params == sum(p.numel() for p in trainable)
+    assert b.lora_weights == b.lora_grads == sum(p.numel() * p.element_size() for p in trainable)
+    assert b.lora_weights == (4 if lora_dtype == "float32" else 2) * b.n_lora_params
+    trainable = b.n_lora_params
     if arch == "llama" and targets == "all":  # r (in + out) per linear, by hand
         h, i, kv = 64, 128, 2 * 16
         per_layer = 2 * 8 * (h + h) + 2 * 8 * (h + kv) + 2 * 8 * (h + i) + 8 * (i + h)
@@ -153,12 +156,12 @@ _PEAK_CFG = tf.LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_la
                            num_key_value_heads=2, vocab_size=4000, tie_word_embeddings=False)
 
 
-def _peak_of_step(gradient_checkpointing: bool) -> tuple[int, object]:
+def _peak_of_step(gradient_checkpointing: bool, lora_dtype: str = "float32") -> tuple[int, object]:
     cfg = _PEAK_CFG
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
     hf.quantize_model(model, compute_dtype=torch.bfloat16)
-    hf.add_lora(model, r=16)
+    hf.add_lora(model, r=16, dtype=getattr(torch, lora_dtype))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -175,16 +178,19 @@ def _peak_of_step(gradient_checkpointing: bool) -> tuple[int, object]:
     with TensorPeak(ignore=weights) as peak:
         s, n = train.loss_sum(model, batch)
         (s / n).backward()
-    b = estimate(cfg.to_dict(), lora_r=16, batch_size=4, seq_len=128, gradient_checkpointing=gradient_checkpointing)
+    b = estimate(cfg.to_dict(), lora_r=16, batch_size=4, seq_len=128, gradient_checkpointing=gradient_checkpointing,
+                 lora_dtype=lora_dtype)
     return peak.peak, b
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_step_peak_is_bounded_by_the_estimate(gradient_checkpointing):
+@pytest.mark.parametrize("gradient_checkpointing, lora_dtype", [(False, "float32"), (True, "float32"),
+                                                                (False, "bfloat16"), (True, "bfloat16")])
+def test_step_peak_is_bounded_by_the_estimate(gradient_checkpointing, lora_dtype):
     """Tensors live at the peak of forward + backward (trainer's loss) vs activations + logits +
     gradients + dequantized weights: over by the first block's unsaved inputs (and with
-    checkpointing by the smaller of one block and the loss, which do not coexist)."""
-    measured, b = _peak_of_step(gradient_checkpointing)
+    checkpointing by the smaller of one block and the loss, which do not coexist). bf16 LoRA:
+    2-byte gradients, and no per-forward casts of A and B."""
+    measured, b = _peak_of_step(gradient_checkpointing, lora_dtype)
     predicted = b.activations + b.logits + b.lora_grads + b.dequant_workspace
     overlap = 0
     if gradient_checkpointing:  # the recomputed block and the loss's logit chunk are never alive together
@@ -216,6 +222,25 @@ def test_fp32_lora_33b_needs_paging_on_24gb():
     paged = {**settings, "batch_size": best.batch_size, "lora_r": best.lora_r,
              "optimizer_memory_budget": best.optimizer_memory_budget}
     assert estimate(config_for_size("33B"), **paged).total <= 24 * GiB
+
+
+# The README's "7B and 33B on this 24 GB machine" rows: batch 1 x 64 tokens, checkpointing, paged AdamW
+# with 1 GB of its state resident, on CPU.
+BIG_MODEL_RUN = dict(lora_r=64, batch_size=1, seq_len=64, gradient_checkpointing=True, optimizer="paged_adamw",
+                     optimizer_memory_budget=10**9, device="cpu")
+
+
+def test_bf16_lora_33b_r64_is_the_papers_21_gb():
+    """bf16 LoRA halves the LoRA weights and gradients (2 x 0.98 GB saved at 33B r=64): 21.4 GB,
+    the paper's 21 GB for Guanaco-33B, where fp32 LoRA needs 23.4 GB."""
+    b32, b16 = (estimate(config_for_size("33B"), **BIG_MODEL_RUN, lora_dtype=d) for d in ("float32", "bfloat16"))
+    assert b16.n_lora_params == b32.n_lora_params == 487_587_840  # 60 layers x 64 x sum(in + out)
+    assert (b32.lora_weights, b32.lora_grads) == (4 * b16.n_lora_params,) * 2
+    assert (b16.lora_weights, b16.lora_grads) == (2 * b16.n_lora_params,) * 2
+    casts = 2 * 64 * (4 * 2 * 6656 + 3 * (6656 + 17920))  # fp32 A and B cast to bf16 in one recomputed layer
+    assert b32.total - b16.total == 4 * b16.n_lora_params + casts
+    assert (round(b32.total / 1e9, 2), round(b16.total / 1e9, 2)) == (23.37, 21.41)  # README, "Large models"
+    assert b16.total < 24 * 10**9 - 2 * 10**9  # 2.6 GB to spare on this 24 GB machine
 
 
 def test_llama_configs():
@@ -362,6 +387,18 @@ def test_cli_table_plan_and_json(capsys):
     assert b["settings"]["batch_size"] == 8 and data["model"] == "LLaMA-65B"
 
 
+def test_cli_lora_dtype_is_the_trainers_option(capsys):
+    assert main(["memory", "--model", "7B", "--lora-dtype", "bfloat16", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)["breakdown"]
+    assert b["settings"]["lora_dtype"] == "bfloat16" and b["lora_weights"] == 2 * b["n_lora_params"]
+    with pytest.raises(SystemExit) as e:  # the choices are `qlora train`'s
+        main(["memory", "--model", "7B", "--lora-dtype", "float16"])
+    assert e.value.code == 2
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+    b16 = preflight(_cfg(lora_dtype="bfloat16", gradient_checkpointing=True), available_bytes=2**40)
+    assert b16.settings["lora_dtype"] == "bfloat16" and b16.lora_grads == 2 * b16.n_lora_params
+
+
 def test_cli_errors(capsys):
     assert main(["memory", "--model", "7B", "--budget", "lots"]) == 2
     assert "--budget: cannot read 'lots'" in capsys.readouterr().err
@@ -419,8 +456,11 @@ def _mid_model(path) -> str:
     return str(path)
 
 
-def test_estimate_within_25_percent_of_measured_training_rss(tmp_path):
-    peak, est = _train_peak_vs_estimate(tmp_path, _mid_model(tmp_path / "mid"), 1, batch_size=8, max_seq_len=256)
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_estimate_within_25_percent_of_measured_training_rss(tmp_path, lora_dtype):
+    """The whole run's peak RSS (loading, the step, the final checkpoint and adapter save)."""
+    peak, est = _train_peak_vs_estimate(tmp_path, _mid_model(tmp_path / "mid"), 1, batch_size=8, max_seq_len=256,
+                                        lora_dtype=lora_dtype)
     assert 0.75 < peak / est < 1.25, (peak, est)
 
 

@@ -9,7 +9,7 @@ from ..config import TrainConfig, field_docs
 
 # flag -> TrainConfig field whose default and help text it shares (one copy of each)
 _SHARED = ("quant_type", "double_quant", "blocksize", "quantize_head", "compute_dtype", "lora_r", "lora_targets",
-           "lora_dropout", "batch_size", "gradient_checkpointing", "optimizer", "optimizer_memory_budget")
+           "lora_dropout", "lora_dtype", "batch_size", "gradient_checkpointing", "optimizer", "optimizer_memory_budget")
 
 
 def register(sub) -> None:
@@ -37,8 +37,6 @@ def register(sub) -> None:
             p.add_argument(flag, type=kind, default=default, metavar=name.upper(), help=helptext)
     p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=defaults.max_seq_len,
                    help=f"{docs['max_seq_len']} (default: {defaults.max_seq_len})")
-    p.add_argument("--lora-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the LoRA weights and their gradients (qlora: float32; the paper's code: bfloat16)")
     p.add_argument("--target-tokens", type=int, default=None,
                    help="loss (target) tokens per sequence (default: all of --seq-len)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

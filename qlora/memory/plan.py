@@ -135,7 +135,7 @@ def settings_for(cfg: TrainConfig, device: str = "cpu") -> dict:
     return dict(
         quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
         quantize_head=cfg.quantize_head, lora_r=cfg.lora_r, lora_targets=cfg.lora_targets,
-        lora_dropout=cfg.lora_dropout, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len,
+        lora_dropout=cfg.lora_dropout, lora_dtype=cfg.lora_dtype, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len,
         target_tokens=cfg.max_target_len if prompt_response else None,
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
         optimizer_memory_budget=parse_size(budget, "optimizer_memory_budget") if budget else None,

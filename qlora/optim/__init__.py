@@ -2,7 +2,8 @@
 are policies around it. Imports torch only.
 
 Public API: `build_optimizer(named_params, name, lr, ...)` -> `AdamW` with step(), zero_grad(),
-settable .lr, state_tensors()/meta()/load_state() for checkpoints, stats() and close().
+settable .lr, state_specs()/iter_state()/meta()/load_state() for checkpoints (streamed one
+parameter's state at a time; state_tensors() copies it whole), stats() and close().
 """
 
 from .adamw import adamw_update

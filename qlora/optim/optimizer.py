@@ -2,8 +2,8 @@
 
     opt = build_optimizer(named_params, "paged_adamw", lr=2e-4, memory_budget=512 * 2**20)
     loss.backward(); opt.lr = schedule(step); opt.step(); opt.zero_grad()
-    save_file(opt.state_tensors(), ...); json.dump(opt.meta(), ...)   # checkpoint
-    opt.load_state(load_file(...), json.load(...))                    # exact resume
+    write_streaming(path, opt.state_specs(), opt.iter_state()); json.dump(opt.meta(), ...)  # checkpoint
+    opt.load_state(TensorFile(path), json.load(...))                                      # exact resume
 
 The four kinds are two choices: fp32 or 8-bit state (state.py), resident or paged storage
 (paging.py). Checkpoints depend only on the first: a paged run resumes unpaged and vice versa.
@@ -90,13 +90,20 @@ class AdamW:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Flat {f"{param}.{key}": tensor} of contiguous CPU tensors (safetensors-ready); keys are
-        exp_avg/exp_avg_sq (fp32) or exp_avg.codes/.absmax and exp_avg_sq.codes/.absmax (8-bit)."""
-        out = {}
+        exp_avg/exp_avg_sq (fp32) or exp_avg.codes/.absmax and exp_avg_sq.codes/.absmax (8-bit).
+        A copy of the whole state: checkpoints stream it with state_specs()/iter_state() instead."""
+        return {key: t.clone() for key, t in self.iter_state()}  # own storage: safetensors refuses shared
+
+    def state_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(key, dtype, shape) of every state tensor, in iter_state()'s order."""
+        return [(f"{l.name}.{f.key}", f.dtype, f.shape) for l in self._layouts for f in l.fields]
+
+    def iter_state(self):
+        """(key, CPU tensor) of every state tensor, one parameter's page in memory at a time: each
+        tensor is valid until the next parameter's are yielded."""
         for i, layout in enumerate(self._layouts):
-            raw = self._pages.read(i)
-            for key, t in layout.views(raw).items():
-                out[f"{layout.name}.{key}"] = t.clone()  # own storage: safetensors refuses shared
-        return out
+            for key, t in layout.views(self._pages.read(i)).items():
+                yield f"{layout.name}.{key}", t
 
     def meta(self) -> dict:
         """JSON-serialisable: everything but the tensors, enough to check a resume."""
@@ -107,12 +114,16 @@ class AdamW:
                                 "step": s} for l, s in zip(self._layouts, self._steps)},
         }
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore state saved by state_tensors()/meta(); the continuation is bit-identical."""
+    def load_state(self, tensors, meta: dict) -> None:
+        """Restore state saved by state_tensors()/meta() (`tensors`: a mapping, which may read each
+        tensor from disk when asked, as checkpoint.load's does); the continuation is bit-identical.
+        Everything is checked before anything changes, and one page is held at a time (holding
+        all of them would double the state in memory on resume), so `tensors` is read twice."""
         _check_meta(meta, self)
-        pages = [self._page_from(tensors, layout) for layout in self._layouts]  # validate all first
-        for i, raw in enumerate(pages):
-            self._pages.write(i, raw)
+        for layout in self._layouts:
+            self._page_from(tensors, layout)
+        for i, layout in enumerate(self._layouts):
+            self._pages.write(i, self._page_from(tensors, layout))
         self._steps = [int(meta["params"][l.name]["step"]) for l in self._layouts]
         self._step = int(meta["step"])
         self.lr = float(meta["lr"])

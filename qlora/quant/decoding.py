@@ -61,7 +61,17 @@ class DecodeLinears:
             self._ptr(packed.contiguous()), self._ptr(a32), self._ptr(qa), self._ptr(nested_absmax),
             self._ptr(code8), self._ptr(code.float().contiguous()),
             self._ptr(None if bias is None else bias.detach().float().contiguous()),
-            self._ptr(bf16(lora_a)), self._ptr(bf16(lora_b)), offset, float(scaling), nested_bs, blocksize, n, k, r)
+            self._ptr(bf16(lora_a)), self._ptr(None if lora_b is None else _blocked(bf16(lora_b))), offset,
+            float(scaling), nested_bs, blocksize, n, k, r)
+
+
+def _blocked(b: torch.Tensor) -> torch.Tensor:
+    """LoRA B (n, r) as the kernel reads it: blocks of 16 rows, each transposed, (ceil(n/16), r, 16),
+    zero rows past n."""
+    n, r = b.shape
+    padded = torch.zeros(-(-n // 16) * 16, r, dtype=b.dtype)
+    padded[:n] = b
+    return padded.view(-1, 16, r).transpose(1, 2).contiguous()
 
 
 class _LlamaLayer(ctypes.Structure):
@@ -81,19 +91,38 @@ class _Llama(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
+def block_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Keys (..., T, D) as the attention kernel stores them: blocks of 16 positions, each transposed,
+    (..., ceil(T / 16), D, 16), zeros past T."""
+    *lead, length, d = keys.shape
+    padded = keys.new_zeros(*lead, -(-length // 16) * 16, d)
+    padded[..., :length, :] = keys
+    return padded.view(*lead, -1, 16, d).transpose(-1, -2).contiguous()
+
+
+def unblock_keys(blocked: torch.Tensor, length: int) -> torch.Tensor:
+    """block_keys' inverse: (..., blocks, D, 16) -> (..., length, D) (a copy)."""
+    *lead, blocks, d, _ = blocked.shape
+    return blocked.transpose(-1, -2).reshape(*lead, blocks * 16, d)[..., :length, :]
+
+
 class Llama:
     """A llama-family model described for qlora_llama_step. `layers`: per layer (norm1, norm2,
-    qkv, o, gate_up, down), norms bf16 (hidden,), the rest DecodeLinears; keys/values: fp32
-    (layers, kv_heads, capacity, head_dim); cos/sin: bf16 (capacity, head_dim); head: bf16
-    (vocab, hidden) or a DecodeLinears."""
+    qkv, o, gate_up, down), norms bf16 (hidden,), the rest DecodeLinears; keys: bf16 (layers,
+    kv_heads, capacity / 16, head_dim, 16) (block_keys' layout), values: bf16 (layers, kv_heads,
+    capacity, head_dim); cos/sin: bf16 (capacity, head_dim); head: bf16 (vocab, hidden) or a
+    DecodeLinears."""
 
     def __init__(self, layers, keys, values, embed, norm, head, cos, sin, heads: int, eps: float, scale: float):
-        n_layers, kv_heads, capacity, head_dim = keys.shape
+        n_layers, kv_heads, capacity, head_dim = values.shape
         bf16 = [embed, norm, cos, sin] + [t for layer in layers for t in layer[:2]]
         if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in bf16):
             raise ValueError("embedding, norms and rotary tables must be contiguous bf16")
-        if keys.dtype != torch.float32 or values.shape != keys.shape or not keys.is_contiguous() or not values.is_contiguous():
-            raise ValueError("keys and values must be contiguous fp32 (layers, kv_heads, capacity, head_dim)")
+        if keys.dtype != torch.bfloat16 or values.dtype != torch.bfloat16 or not keys.is_contiguous() \
+                or not values.is_contiguous() or capacity % 16 \
+                or tuple(keys.shape) != (n_layers, kv_heads, capacity // 16, head_dim, 16):
+            raise ValueError("keys and values must be contiguous bf16 (layers, kv_heads, capacity / 16, head_dim, "
+                             "16) and (layers, kv_heads, capacity, head_dim), capacity a multiple of 16")
         if len(layers) != n_layers or tuple(cos.shape) != (capacity, head_dim) or cos.shape != sin.shape:
             raise ValueError("cache, layers and rotary tables disagree on the layer count, capacity or head dim")
         self.keep = [keys, values, embed, norm, head, cos, sin, layers]

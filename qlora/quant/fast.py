@@ -295,16 +295,19 @@ class CpuKernels:
 
     def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
                          scale: float, out: torch.Tensor) -> torch.Tensor:
-        """softmax(scale · q·Kᵀ)·V for one query row, fp32: q (H, D); keys, values (KV, capacity, D)
-        contiguous, the first `length` positions used; kv head of head h = h // (H // KV)."""
+        """softmax(scale · q·Kᵀ)·V for one query row in fp32: q (H, D) fp32; keys (KV, capacity / 16,
+        D, 16) (decoding.block_keys' layout) and values (KV, capacity, D) bf16, contiguous, the first
+        `length` positions used; kv head of head h = h // (H // KV)."""
         heads, d = q.shape
-        kv, capacity, dk = keys.shape
-        if not (q.dtype == keys.dtype == values.dtype == out.dtype == torch.float32 and dk == d
-                and values.shape == keys.shape and heads % kv == 0 and 0 < length <= capacity
-                and all(t.is_contiguous() for t in (q, keys, values, out)) and out.shape == q.shape):
-            raise ValueError("decode_attention: expected contiguous fp32 q (H, D), keys/values (KV, capacity, D), "
-                             f"out (H, D); got {tuple(q.shape)}, {tuple(keys.shape)}, length {length}")
-        self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * d, length,
+        kv, capacity, dv = values.shape
+        if not (q.dtype == out.dtype == torch.float32 and keys.dtype == values.dtype == torch.bfloat16 and dv == d
+                and tuple(keys.shape) == (kv, capacity // 16, d, 16) and capacity % 16 == 0 and heads % kv == 0
+                and 0 < length <= capacity and all(t.is_contiguous() for t in (q, keys, values, out))
+                and out.shape == q.shape):
+            raise ValueError("decode_attention: expected contiguous fp32 q and out (H, D), bf16 keys (KV, capacity / 16, "
+                             f"D, 16) and values (KV, capacity, D); got {tuple(q.shape)}, {tuple(keys.shape)}, "
+                             f"{tuple(values.shape)}, length {length}")
+        self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, length,
                                          heads, kv, d, scale, out.data_ptr())
         return out
 

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from qlora.errors import QloraError
 from qlora.optim import KINDS, build_optimizer
 from qlora.optim import store as store_mod
+from qlora.safetensors_reader import TensorFile
+from qlora.safetensors_writer import write_streaming
 
 SHAPES = [(96, 128), (40, 40), (128, 64), (5,)]
 EVICT_ALL = 96 * 128 * 8  # the largest fp32 page: every other page is evicted every step
@@ -50,7 +51,7 @@ def test_save_load_resumes_bit_identically(kind, resume_kind, tmp_path):
     first = _params()
     opt1 = build_optimizer(first, kind, lr=0.0, weight_decay=0.05, **_kw(kind, tmp_path))
     _steps(first, opt1, 0, 3)
-    save_file(opt1.state_tensors(), tmp_path / "optimizer.safetensors")
+    write_streaming(tmp_path / "optimizer.safetensors", opt1.state_specs(), opt1.iter_state())  # as checkpoints do
     (tmp_path / "optimizer.json").write_text(json.dumps(opt1.meta()))
     opt1.close()
 
@@ -59,7 +60,7 @@ def test_save_load_resumes_bit_identically(kind, resume_kind, tmp_path):
         a.data.copy_(b.data)  # the trainer restores adapter weights from the same checkpoint
     opt2 = build_optimizer(resumed, resume_kind, lr=0.0, weight_decay=0.05, **_kw(resume_kind, tmp_path))
     meta = json.loads((tmp_path / "optimizer.json").read_text())
-    opt2.load_state(load_file(tmp_path / "optimizer.safetensors"), meta)
+    opt2.load_state(TensorFile(tmp_path / "optimizer.safetensors"), meta)
     assert opt2.meta()["step"] == 3 and opt2.lr == pytest.approx(1e-2 / 3)
     _steps(resumed, opt2, 3, 6)
     for (_, a), (_, b) in zip(full, resumed):
@@ -82,6 +83,9 @@ def test_state_tensors_are_named_contiguous_cpu_tensors():
         "m.3.w.exp_avg", "m.3.w.exp_avg_sq"])
     assert st["m.0.w.exp_avg.codes"].shape == (96, 128) and st["m.0.w.exp_avg.absmax"].shape == (48,)
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in st.values())
+    specs = opt.state_specs()
+    assert [k for k, _, _ in specs] == list(st) == [k for k, _ in opt.iter_state()]
+    assert all((st[k].dtype, tuple(st[k].shape)) == (dtype, shape) for k, dtype, shape in specs)
     meta = opt.meta()
     json.dumps(meta)
     assert meta["kind"] == "adamw_8bit" and meta["bits"] == 8 and meta["params"]["m.1.w"]["state"] == "fp32"
@@ -106,6 +110,7 @@ def test_load_state_refuses_mismatched_checkpoints(break_it, message):
     opt = build_optimizer(_params(), "paged_adamw", lr=1e-3)
     with pytest.raises(QloraError, match=message.replace("(", r"\(").replace(")", r"\)")):
         opt.load_state(tensors, meta)
+    assert not any(t.any() for t in opt.state_tensors().values())  # checked first: nothing was loaded
 
 
 def test_load_state_refuses_other_bits():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora import quant
-from qlora.quant.decoding import DecodeLinears
+from qlora.quant.decoding import DecodeLinears, block_keys, unblock_keys
 
 
 def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0):
@@ -84,12 +84,21 @@ def test_bf16_gemv(k, n, dim):
     assert (rounded.double() - expected).abs().max() <= expected.abs().max() * 2 ** -8
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim,length", [(9, 3, 64, 37), (4, 4, 16, 1), (8, 2, 24, 200)])
+@pytest.mark.parametrize("heads,kv_heads,dim,length", [(9, 3, 64, 37), (4, 4, 16, 1), (8, 2, 24, 200), (2, 1, 8, 16)])
 def test_attention_of_one_row(k, heads, kv_heads, dim, length):
-    capacity = length + 5
-    q, keys, values = torch.randn(heads, dim), torch.randn(kv_heads, capacity, dim), torch.randn(kv_heads, capacity, dim)
-    out = k.decode_attention(q, keys, values, length, dim ** -0.5, torch.empty(heads, dim))
+    capacity = -(-(length + 5) // 16) * 16
+    q = torch.randn(heads, dim)
+    keys, values = torch.randn(kv_heads, capacity, dim).bfloat16(), torch.randn(kv_heads, capacity, dim).bfloat16()
+    out = k.decode_attention(q, block_keys(keys), values, length, dim ** -0.5, torch.empty(heads, dim))
     expected = F.scaled_dot_product_attention(
         q.double().view(1, heads, 1, dim), keys[:, :length].double().unsqueeze(0),
         values[:, :length].double().unsqueeze(0), enable_gqa=True).view(heads, dim)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_key_blocks_round_trip():
+    keys = torch.randn(3, 37, 8)
+    blocked = block_keys(keys)
+    assert blocked.shape == (3, 3, 8, 16) and blocked[:, 2, :, 5:].abs().sum() == 0
+    assert blocked[1, 1, 4, 3] == keys[1, 16 + 3, 4]
+    assert torch.equal(unblock_keys(blocked, 37), keys)

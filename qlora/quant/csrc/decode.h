@@ -15,7 +15,7 @@ struct QloraDecodeLinear {
   const float* code;           // the 16-entry 4-bit codebook
   const float* bias;           // (n) fp32 or null
   const uint16_t* lora_a;      // (r, k) bf16, or null: no LoRA
-  const uint16_t* lora_b;      // (n, r) bf16
+  const uint16_t* lora_b;      // B in blocks of 16 rows, transposed: (ceil(n / 16), r, 16) bf16
   float offset, scaling;       // DQ offset; LoRA scale s
   int64_t nested_bs, bs, n, k, r;
 };
@@ -27,8 +27,11 @@ namespace qlora {
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out);
 // out (n, fp32) = W (n, k, bf16) · x (k, bf16).
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out);
-// out (H, D) = softmax(scale · q·Kᵀ)·V over T positions of keys/values (KV, stride / D, D); fp32.
-void attention(const float* q, const float* keys, const float* values, int64_t stride, int64_t T, int64_t H,
-               int64_t KV, int64_t D, float scale, float* out);
+// out (H, D) = softmax(scale · q·Kᵀ)·V over T positions, fp32; keys (KV, capacity / 16, D, 16):
+// blocks of 16 positions, transposed; values (KV, capacity, D); both bf16.
+void attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
+               int64_t H, int64_t KV, int64_t D, float scale, float* out);
+// x[i] = exp(x[i]), 16 lanes at a time (~1 ulp).
+void exp_inplace(float* x, int64_t n);
 
 }  // namespace qlora

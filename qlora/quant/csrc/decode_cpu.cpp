@@ -1,20 +1,21 @@
-// Kernels for one-token decode steps, called from qlora/quant/fast.py through ctypes (same library
-// as quant_cpu.cpp): a 4-bit linear with its LoRA branch in one call, a bf16 matrix times a bf16
-// vector (the output head), and attention of one query row over a KV cache.
+// Kernels for one-token decode steps, called through ctypes (qlora/quant/fast.py; same library as
+// quant_cpu.cpp) and from llama_cpu.cpp: a 4-bit linear with its LoRA branch, a bf16 matrix times a
+// bf16 vector (the output head), and attention of one query row over a KV cache.
 //
 // Decoding one token reads every weight once and does two flops with it, so the speed is how fast
 // the weights stream in and get unpacked. qlora_gemm_4bit (quant_cpu.cpp) spends ~8 vector
-// instructions per 16 weights turning codes into fp32 weights; here a 64-weight block costs ~12
-// for all 64, with AVX512-BF16:
-//   - one 16-bit permute maps 32 codes to the codebook as bf16. A codebook value is not a bf16
-//     number, so it is kept as hi + lo (two bf16 tables; hi + lo equals the fp32 value to 2^-17
-//     relative) and both halves are multiplied: the weights stay the fp32 values, as in the
-//     reference, not bf16-rounded ones;
+// instructions per 16 weights turning codes into fp32 weights; gemv4 spends ~10 per 64, with
+// AVX512-BF16:
+//   - a 16-bit permute maps 32 codes to the codebook as bf16. A codebook value is not a bf16
+//     number, so it is kept as hi + lo (two bf16 tables; hi + lo is the fp32 value to 2^-17
+//     relative) and both halves are multiplied: the weights are the reference's fp32 values, not
+//     bf16-rounded ones (hi alone would be 17% faster);
 //   - vdpbf16ps multiplies 32 bf16 pairs exactly and adds them into 16 fp32 lanes;
-//   - the block scale multiplies the block's sum once instead of each weight.
+//   - the block scale multiplies each block's sum once instead of each weight.
 // x is bf16 (the compute dtype's activations are), rearranged once per call into the order the
-// unpacked codes come in. The sums are fp32 in an order of their own (as qlora_gemm_4bit's are):
-// results equal x · dequantize(W, fp32)ᵀ up to fp32 summation order.
+// unpacked codes come in. Sums are fp32 in an order of their own (as qlora_gemm_4bit's are):
+// results equal x · dequantize(W, fp32)ᵀ up to fp32 summation order. LoRA's A and B are bf16
+// copies (as training casts them); A·x stays fp32 into B.
 //
 // Single-threaded on purpose, like qlora_gemm_4bit: called from a server's handler threads, an
 // OpenMP region made `qlora serve` end in std::terminate at exit now and then.
@@ -36,15 +37,8 @@
 namespace {
 
 // Scratch for the rearranged inputs, per thread (serve decodes on several).
-thread_local std::vector<uint16_t> t_x, t_xa_hi, t_xa_lo;
-thread_local std::vector<float> t_xa, t_scales;
-
-inline void split_bf16(const float* v, int64_t n, uint16_t* hi, uint16_t* lo) {
-  for (int64_t i = 0; i < n; ++i) {
-    hi[i] = float_to_bf16(v[i]);
-    lo[i] = float_to_bf16(v[i] - bf16_to_float(hi[i]));  // v - hi is exact: what hi left out
-  }
-}
+thread_local std::vector<uint16_t> t_x;
+thread_local std::vector<float> t_xa, t_delta, t_scales;
 
 // The block scales of a 4-bit weight in storage order, as block_scale (common.h) computes them,
 // without its two integer divisions per block (a 64-bit division costs about as much as the
@@ -76,23 +70,50 @@ inline __mmask32 lanes32(int64_t k) { return k >= 32 ? __mmask32(0xffffffffu) : 
 
 inline __m512 dot(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
-// out[o..o+R) = W[o..o+R) · (hi + lo) for a bf16 W (n, k) and x split into two bf16 halves (lo
-// may be null: x is bf16). R rows at once share each load of x.
-template <int R>
-inline void gemv16_rows(const uint16_t* w, int64_t k, const uint16_t* hi, const uint16_t* lo, int64_t o, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < k; j += 32) {
-    const __mmask32 m = lanes32(k - j);
-    const __m512i xh = _mm512_maskz_loadu_epi16(m, hi + j);
-    const __m512i xl = lo ? _mm512_maskz_loadu_epi16(m, lo + j) : _mm512_setzero_si512();
-    for (int r = 0; r < R; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(m, w + (o + r) * k + j);
-      acc[r] = dot(acc[r], wv, xh);
-      if (lo) acc[r] = dot(acc[r], wv, xl);
-    }
+// W[o] · x for a bf16 W (n, k) and x (k, bf16). One row at a time, four accumulators along it: the
+// weights are read in storage order, one sequential stream. (Four rows at once, sharing the loads
+// of x, ran at a third of the speed here: interleaved short streams defeat the hardware
+// prefetcher; 12.7 vs 35.8 GB/s on the 57 MB output head.)
+inline float gemv16_row(const uint16_t* w, int64_t k, const uint16_t* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 128 <= k; j += 128) {
+    a0 = dot(a0, _mm512_loadu_si512(w + j), _mm512_loadu_si512(x + j));
+    a1 = dot(a1, _mm512_loadu_si512(w + j + 32), _mm512_loadu_si512(x + j + 32));
+    a2 = dot(a2, _mm512_loadu_si512(w + j + 64), _mm512_loadu_si512(x + j + 64));
+    a3 = dot(a3, _mm512_loadu_si512(w + j + 96), _mm512_loadu_si512(x + j + 96));
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (; j < k; j += 32) {
+    const __mmask32 m = lanes32(k - j);
+    a0 = dot(a0, _mm512_maskz_loadu_epi16(m, w + j), _mm512_maskz_loadu_epi16(m, x + j));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// out (n) = B · xa for LoRA's B (n, r) stored in blocks of 16 rows, each block transposed:
+// (ceil(n / 16), r, 16) bf16, zero rows past n. Per block, 16 outputs in the lanes of one fp32
+// accumulator (four, over alternate ranks), one sequential stream. Row by row (B (n, r) · xa)
+// spent more on the n horizontal sums of 64 products than on the products, and a plain (r, n)
+// transpose read r interleaved streams.
+void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* out) {
+  for (int64_t o = 0; o < n; o += 16) {
+    const uint16_t* b = b16 + o * r;  // this block: (r, 16)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t c = 0;
+    for (; c + 4 <= r; c += 4) {
+      a0 = _mm512_fmadd_ps(load_bf16(b + c * 16, 0xffff), _mm512_set1_ps(xa[c]), a0);
+      a1 = _mm512_fmadd_ps(load_bf16(b + c * 16 + 16, 0xffff), _mm512_set1_ps(xa[c + 1]), a1);
+      a2 = _mm512_fmadd_ps(load_bf16(b + c * 16 + 32, 0xffff), _mm512_set1_ps(xa[c + 2]), a2);
+      a3 = _mm512_fmadd_ps(load_bf16(b + c * 16 + 48, 0xffff), _mm512_set1_ps(xa[c + 3]), a3);
+    }
+    for (; c < r; ++c) a0 = _mm512_fmadd_ps(load_bf16(b + c * 16, 0xffff), _mm512_set1_ps(xa[c]), a0);
+    const __mmask16 m = o + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - o)) - 1);
+    _mm512_mask_storeu_ps(out + o, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
 }
 
 // The codebook as 32 16-bit lanes (entry i = code[i % 16]), hi or lo half: a permute then reads
@@ -113,41 +134,43 @@ inline void even_odd(const uint16_t* x, int64_t k, uint16_t* out) {
     for (int i = 0; i < 32; ++i) out[j + i] = x[j + 2 * i], out[j + 32 + i] = x[j + 2 * i + 1];
 }
 
+// Rows o..o+R of W4 · x. R rows at once share the loads of x and its even/odd split (unlike
+// gemv16_row this is bound by the unpacking, not by memory); the rows two groups ahead are
+// prefetched (5.8 vs 7.2 ms for SmolLM2's 210 projections, where the hardware prefetcher alone
+// falls behind). Per block, the sum of code · x, then the block scale once. Inlined by force: as a
+// call, passing the two tables through the stack cost 10%.
 template <int R>
-inline void gemv4_rows(const QloraDecodeLinear& L, const uint16_t* xeo, __m512i thi, __m512i tlo, int64_t o,
-                       Scales& scales, float* out) {
-  const int64_t k = L.k, bs = L.bs, kb = k / bs;
-  float* s = scales.next_rows(R);  // (R, kb)
+__attribute__((always_inline)) inline void gemv4_rows(const QloraDecodeLinear& L, const uint16_t* xeo, __m512i thi,
+                                                      __m512i tlo, int64_t o, Scales& scales, float* out) {
+  const size_t row_bytes = size_t(L.k) / 2, block_bytes = size_t(L.bs) / 2, kb = size_t(L.k / L.bs);
+  const size_t ahead = 2 * R * row_bytes;
+  const uint8_t* codes = L.packed + size_t(o) * row_bytes;
+  const float* s = scales.next_rows(R);  // (R, kb)
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t j0 = 0; j0 < k; j0 += bs) {
+  for (size_t b = 0; b < kb; ++b) {
     __m512 d[R];
     for (int r = 0; r < R; ++r) d[r] = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j0 + bs; j += 64) {
-      const __m512i xe = _mm512_loadu_si512(xeo + j), xo = _mm512_loadu_si512(xeo + j + 32);
+    for (size_t at = b * block_bytes; at < (b + 1) * block_bytes; at += 32) {  // 64 weights a step
+      const __m512i xe = _mm512_loadu_si512(xeo + 2 * at), xo = _mm512_loadu_si512(xeo + 2 * at + 32);
       for (int r = 0; r < R; ++r) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.packed + ((o + r) * k + j) / 2));
-        const __m512i w = _mm512_cvtepu8_epi16(bytes), h = _mm512_srli_epi16(w, 4);
+        const uint8_t* p = codes + r * row_bytes + at;
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        const __m512i h = _mm512_srli_epi16(w, 4);
         d[r] = dot(d[r], _mm512_permutexvar_epi16(h, thi), xe);
         d[r] = dot(d[r], _mm512_permutexvar_epi16(w, thi), xo);
         d[r] = dot(d[r], _mm512_permutexvar_epi16(h, tlo), xe);
         d[r] = dot(d[r], _mm512_permutexvar_epi16(w, tlo), xo);
       }
     }
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(d[r], _mm512_set1_ps(s[r * kb + j0 / bs]), acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(d[r], _mm512_set1_ps(s[r * kb + b]), acc[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// Rows in groups of 4 (then 1): R independent accumulator chains hide vdpbf16ps's latency.
-template <typename F> inline void by_rows(int64_t n, F&& rows) {
-  int64_t o = 0;
-  for (; o + 4 <= n; o += 4) rows(o, std::integral_constant<int, 4>());
-  for (; o < n; ++o) rows(o, std::integral_constant<int, 1>());
-}
-
-void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* hi, const uint16_t* lo, float* out) {
-  by_rows(n, [&](int64_t o, auto R) { gemv16_rows<decltype(R)::value>(w, k, hi, lo, o, out + o); });
+void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
+  for (int64_t o = 0; o < n; ++o) out[o] = gemv16_row(w + o * k, k, x);
 }
 
 void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
@@ -155,19 +178,26 @@ void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
   even_odd(x, L.k, t_x.data());
   const __m512i thi = code_table(L.code, false), tlo = code_table(L.code, true);
   Scales scales(L);
-  by_rows(L.n, [&](int64_t o, auto R) { gemv4_rows<decltype(R)::value>(L, t_x.data(), thi, tlo, o, scales, out + o); });
+  const uint16_t* xeo = t_x.data();
+  int64_t o = 0;
+  for (; o + 4 <= L.n; o += 4) gemv4_rows<4>(L, xeo, thi, tlo, o, scales, out + o);
+  for (; o < L.n; ++o) gemv4_rows<1>(L, xeo, thi, tlo, o, scales, out + o);
 }
 
 #else  // portable: the same sums in scalar fp32
 
-void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* hi, const uint16_t* lo, float* out) {
+void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
   for (int64_t o = 0; o < n; ++o) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      const float wv = bf16_to_float(w[o * k + j]);
-      acc += wv * bf16_to_float(hi[j]);
-      if (lo) acc += wv * bf16_to_float(lo[j]);
-    }
+    for (int64_t j = 0; j < k; ++j) acc += bf16_to_float(w[o * k + j]) * bf16_to_float(x[j]);
+    out[o] = acc;
+  }
+}
+
+void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* out) {
+  for (int64_t o = 0; o < n; ++o) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < r; ++c) acc += bf16_to_float(b16[((o / 16) * r + c) * 16 + o % 16]) * xa[c];
     out[o] = acc;
   }
 }
@@ -196,63 +226,104 @@ void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
 
 namespace qlora {
 
-// out = W4·x + bias + s·B(A·x): xa = A·x is fp32 and goes into B as two bf16 halves, so the LoRA
-// branch is as exact as fp32 A·x and B·xa with bf16-stored A and B would be.
+// out = W4·x + bias + s·B(A·x), with A·x kept in fp32 (A and B are bf16).
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
   ::gemv4(L, x, out);
   if (L.bias)
     for (int64_t o = 0; o < L.n; ++o) out[o] += L.bias[o];
   if (!L.lora_a) return;
-  t_xa.resize(L.r), t_xa_hi.resize(L.r), t_xa_lo.resize(L.r);
-  ::gemv16(L.lora_a, L.r, L.k, x, nullptr, t_xa.data());
-  split_bf16(t_xa.data(), L.r, t_xa_hi.data(), t_xa_lo.data());
-  std::vector<float>& delta = t_xa;  // reused below only after xa is split
-  delta.resize(L.n);
-  ::gemv16(L.lora_b, L.n, L.r, t_xa_hi.data(), t_xa_lo.data(), delta.data());
-  for (int64_t o = 0; o < L.n; ++o) out[o] += L.scaling * delta[o];
+  t_xa.resize(L.r), t_delta.resize(L.n);
+  ::gemv16(L.lora_a, L.r, L.k, x, t_xa.data());
+  ::lora_b(L.lora_b, L.r, L.n, t_xa.data(), t_delta.data());
+  for (int64_t o = 0; o < L.n; ++o) out[o] += L.scaling * t_delta[o];
 }
 
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
-  ::gemv16(w, n, k, x, nullptr, out);
+  ::gemv16(w, n, k, x, out);
 }
 
 namespace {
-// a · b over n fp32 values (16 lanes, then across them, with AVX-512).
-inline float dot32(const float* a, const float* b, int64_t n) {
-  int64_t j = 0;
-  float s = 0.0f;
+
 #ifdef QLORA_GEMV_BF16
-  __m512 acc = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
+// exp on 16 lanes: 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p the
+// degree-6 Taylor polynomial (|r| <= ln2 / 2: ~1 ulp); scalef handles over- and underflow.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
 }
+#endif
 
 }  // namespace
 
+void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+#ifdef QLORA_GEMV_BF16
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 // Attention of one query row: for each of the H heads (head h reads kv head h / (H / KV), as
 // repeat_kv orders them), softmax(scale · q·Kᵀ) · V over the first T cached positions, in fp32.
-void attention(const float* q, const float* keys, const float* values, int64_t stride, int64_t T, int64_t H,
-               int64_t KV, int64_t D, float scale, float* out) {
+// The cache is bf16 (the model's keys and values are bf16: exact, and half the bytes of fp32 to
+// stream per token). Keys are stored in blocks of 16 positions, each transposed ((KV, capacity / 16,
+// D, 16)), so 16 scores build up in the lanes of one register, with no horizontal sums; values are
+// (KV, capacity, D).
+void attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
+               int64_t H, int64_t KV, int64_t D, float scale, float* out) {
   thread_local std::vector<float> p;
-  p.resize(T);
+  const int64_t blocks = (T + 15) / 16;
+  p.resize(blocks * 16);
   for (int64_t h = 0; h < H; ++h) {
     const float* qh = q + h * D;
-    const float* K = keys + (h / (H / KV)) * stride;
-    const float* V = values + (h / (H / KV)) * stride;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) {
-      p[t] = dot32(qh, K + t * D, D) * scale;
-      m = std::max(m, p[t]);
-    }
-    float sum = 0.0f;
-    for (int64_t t = 0; t < T; ++t) sum += (p[t] = std::exp(p[t] - m));
+    const uint16_t* K = keys + (h / (H / KV)) * capacity * D;
+    const uint16_t* V = values + (h / (H / KV)) * capacity * D;
     float* o = out + h * D;
+    for (int64_t b = 0; b < blocks; ++b) {  // scores of positions 16b .. 16b+15
+      const uint16_t* kb = K + b * D * 16;
+#ifdef QLORA_GEMV_BF16
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+      int64_t j = 0;
+      for (; j + 2 <= D; j += 2) {
+        s0 = _mm512_fmadd_ps(_mm512_set1_ps(qh[j]), load_bf16(kb + j * 16, 0xffff), s0);
+        s1 = _mm512_fmadd_ps(_mm512_set1_ps(qh[j + 1]), load_bf16(kb + j * 16 + 16, 0xffff), s1);
+      }
+      if (j < D) s0 = _mm512_fmadd_ps(_mm512_set1_ps(qh[j]), load_bf16(kb + j * 16, 0xffff), s0);
+      _mm512_storeu_ps(p.data() + b * 16, _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale)));
+#else
+      for (int64_t i = 0; i < 16; ++i) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < D; ++j) s += qh[j] * bf16_to_float(kb[j * 16 + i]);
+        p[b * 16 + i] = s * scale;
+      }
+#endif
+    }
+    const float m = *std::max_element(p.begin(), p.begin() + T);
+    for (int64_t t = 0; t < T; ++t) p[t] -= m;
+    exp_inplace(p.data(), T);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < T; ++t) sum += p[t];
+#ifdef QLORA_GEMV_BF16
+    if (D % 16 == 0 && D <= 256) {
+      __m512 acc[16];
+      for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < T; ++t) {
+        const __m512 pt = _mm512_set1_ps(p[t]);
+        for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_fmadd_ps(pt, load_bf16(V + t * D + v * 16, 0xffff), acc[v]);
+      }
+      for (int64_t v = 0; v < D / 16; ++v) _mm512_storeu_ps(o + v * 16, _mm512_div_ps(acc[v], _mm512_set1_ps(sum)));
+      continue;
+    }
+#endif
     std::fill(o, o + D, 0.0f);
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < D; ++j) o[j] += p[t] * V[t * D + j];
+      for (int64_t j = 0; j < D; ++j) o[j] += p[t] * bf16_to_float(V[t * D + j]);
     for (int64_t j = 0; j < D; ++j) o[j] /= sum;
   }
 }
@@ -287,10 +358,11 @@ void qlora_gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x,
     for (int64_t o = 0; o < n; ++o) out[o] = bf16_to_float(float_to_bf16(out[o]));
 }
 
-// out (H, D) = attention of q (H, D) over keys/values laid out (KV, stride / D, D), first T rows.
-void qlora_decode_attention(const float* q, const float* keys, const float* values, int64_t stride, int64_t T,
+// out (H, D) = attention of q (H, D) over the first T positions of keys (KV, capacity / 16, D, 16)
+// and values (KV, capacity, D), both bf16.
+void qlora_decode_attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
                             int64_t H, int64_t KV, int64_t D, float scale, float* out) {
-  qlora::attention(q, keys, values, stride, T, H, KV, D, scale, out);
+  qlora::attention(q, keys, values, capacity, T, H, KV, D, scale, out);
 }
 
 }  // extern "C"

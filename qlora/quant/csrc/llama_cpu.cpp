@@ -28,8 +28,8 @@ struct QloraLlamaLayer {
   const QloraDecodeLinear* o;            // o_proj (1)
   const QloraDecodeLinear* gate_up;      // gate, up (2)
   const QloraDecodeLinear* down;         // down_proj (1)
-  float* keys;                           // (kv_heads, capacity, head_dim) fp32
-  float* values;
+  uint16_t* keys;                        // (kv_heads, capacity / 16, head_dim, 16) bf16 (decode.h)
+  uint16_t* values;                      // (kv_heads, capacity, head_dim) bf16
 };
 
 struct QloraLlama {
@@ -40,7 +40,7 @@ struct QloraLlama {
   const QloraDecodeLinear* head_4bit;
   const uint16_t* cos;                   // (capacity, head_dim) bf16, as the rotary module gives them
   const uint16_t* sin;
-  int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity;
+  int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity;  // capacity % 16 == 0
   float eps, scale;                      // RMSNorm epsilon; attention scale (head_dim^-0.5)
 };
 }
@@ -92,14 +92,14 @@ void layer_step(const QloraLlama& m, const QloraLlamaLayer& L, uint16_t* h, int6
   uint16_t* qkv = t_act.data();  // the projections in bf16
   for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] = to_bf(out[i]);
   for (int64_t hd = 0; hd < m.heads + m.kv_heads; ++hd) rotary(qkv + hd * d, m.cos + pos * d, m.sin + pos * d, d);
-  for (int64_t g = 0; g < m.kv_heads; ++g)
+  for (int64_t g = 0; g < m.kv_heads; ++g)  // keys in blocks of 16 positions, transposed (decode.h)
     for (int64_t j = 0; j < d; ++j) {
-      L.keys[(g * m.capacity + pos) * d + j] = bf(qkv[nq + g * d + j]);
-      L.values[(g * m.capacity + pos) * d + j] = bf(qkv[nq + nkv + g * d + j]);
+      L.keys[((g * m.capacity + pos - pos % 16) * d) + j * 16 + pos % 16] = qkv[nq + g * d + j];
+      L.values[(g * m.capacity + pos) * d + j] = qkv[nq + nkv + g * d + j];
     }
   float* q = t_q.data();
   for (int64_t i = 0; i < nq; ++i) q[i] = bf(qkv[i]);
-  qlora::attention(q, L.keys, L.values, m.capacity * d, pos + 1, m.heads, m.kv_heads, d, m.scale, t_att.data());
+  qlora::attention(q, L.keys, L.values, m.capacity, pos + 1, m.heads, m.kv_heads, d, m.scale, t_att.data());
   for (int64_t i = 0; i < nq; ++i) x[i] = to_bf(t_att[i]);  // x now holds the attention output
   qlora::decode_linear(*L.o, x, out);
   add_residual(h, out, m.hidden);
@@ -107,10 +107,13 @@ void layer_step(const QloraLlama& m, const QloraLlamaLayer& L, uint16_t* h, int6
   rms_norm(h, L.norm2, m.hidden, m.eps, x);
   qlora::decode_linear(L.gate_up[0], x, out);
   qlora::decode_linear(L.gate_up[1], x, out + I);
+  float* e = t_q.data();  // exp(-gate)
+  for (int64_t i = 0; i < I; ++i) e[i] = -bf(to_bf(out[i]));
+  qlora::exp_inplace(e, I);
   uint16_t* act = t_act.data();
   for (int64_t i = 0; i < I; ++i) {
     const float g = bf(to_bf(out[i])), u = bf(to_bf(out[I + i]));
-    act[i] = to_bf(bf(to_bf(g / (1.0f + std::exp(-g)))) * u);  // bf16 silu(gate), times up, rounded
+    act[i] = to_bf(bf(to_bf(g / (1.0f + e[i]))) * u);  // bf16 silu(gate), times up, rounded
   }
   qlora::decode_linear(*L.down, act, out);
   add_residual(h, out, m.hidden);
@@ -124,7 +127,7 @@ extern "C" {
 // keys and values of `pos` into each layer's cache. Returns 0, or -1 if a size is out of range.
 int qlora_llama_step(const QloraLlama* model, int64_t token, int64_t pos, float* logits) {
   const QloraLlama& m = *model;
-  if (token < 0 || token >= m.vocab || pos < 0 || pos >= m.capacity || m.head_dim > 1024) return -1;
+  if (token < 0 || token >= m.vocab || pos < 0 || pos >= m.capacity || m.head_dim > 1024 || m.capacity % 16) return -1;
   const int64_t width = std::max({m.hidden, m.heads * m.head_dim, 2 * m.intermediate,
                                   (m.heads + 2 * m.kv_heads) * m.head_dim});
   t_h.assign(m.embed + token * m.hidden, m.embed + (token + 1) * m.hidden);
