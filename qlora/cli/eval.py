@@ -1,7 +1,8 @@
 """`qlora eval <perplexity|choice|mmlu|datatypes|generate|judge|elo|compare>`: the paper's instruments.
 
 Every subcommand prints a markdown table and, with --output, writes the numbers as JSON together
-with the settings that produced them. Library calls live in qlora.evaluate; this file parses.
+with the settings that produced them (generate writes its answers as JSONL, one row per prompt).
+Library calls live in qlora.evaluate; this file parses.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: boo
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
-def add_common(p: argparse.ArgumentParser, limit_help: str, batch_size: int = 8) -> None:
+def add_common(p: argparse.ArgumentParser, limit_help: str, batch_size: int | None = 8,
+               output: tuple[str, str] = ("FILE.json", "also write the results as JSON")) -> None:
+    """--limit, --output (metavar, help), --no-progress, and --batch-size unless None (a verb that
+    does not batch its forward passes should not offer it)."""
     p.add_argument("--limit", type=int, default=None, help=limit_help)
-    p.add_argument("--output", metavar="FILE.json", help="also write the results as JSON")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per forward pass (default: {batch_size})")
+    p.add_argument("--output", metavar=output[0], help=output[1])
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per forward pass (default: {batch_size})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -68,7 +73,7 @@ def load(args, adapters: list[str] | None = None):
     for key in ("quant_type", "double_quant", "blocksize"):
         if getattr(args, key, None) is not None:
             quant[key] = getattr(args, key)
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise QloraError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = hf.load(args.model, compute_dtype=getattr(torch, args.dtype), adapters=adapters,
                                device=args.device, **quant)
@@ -250,7 +255,9 @@ def _register_generate(verbs) -> None:
     p.add_argument("--name", help="system name recorded in the answers (default: the adapter's directory name, or 'base')")
     add_quant_args(p)
     add_sampling_args(p)
-    add_common(p, "first N prompts")
+    # one prompt at a time (qlora.generate decodes one conversation): no --batch-size
+    add_common(p, "first N prompts", batch_size=None,
+               output=("FILE.jsonl", "where to write the answers, one JSON object per line (required)"))
     p.set_defaults(func=_run_generate)
 
 
@@ -294,7 +301,7 @@ def _register_judge(verbs) -> None:
     p.add_argument("--one-order", action="store_true", help="judge each pair once, not in both orders")
     add_elo_args(p)
     add_quant_args(p)
-    add_common(p, "first N shared questions")
+    add_common(p, "first N shared questions", batch_size=None)  # a local judge answers one pair at a time
     p.set_defaults(func=_run_judge)
 
 

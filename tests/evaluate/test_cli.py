@@ -150,3 +150,24 @@ def test_errors_are_one_line(tiny_dir, tmp_path, capsys):
     assert rc == 2 and "data type 'nf5'" in err
     rc, _, err = _run(["judge", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], capsys)
     assert rc == 2 and "a.jsonl" in err
+
+
+@pytest.mark.parametrize("verb", ["generate", "judge"])
+def test_one_at_a_time_verbs_offer_no_batch_size(verb, capsys):
+    """generate decodes one conversation at a time and a local judge one pair at a time: an option
+    they would ignore is not offered; generate's --output is the JSONL file it writes."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", verb, "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "--batch-size" not in text
+    if verb == "generate":
+        assert "--output FILE.jsonl" in text and "one JSON object per line" in text
+    with pytest.raises(SystemExit) as e:
+        main(["eval", verb, "x.jsonl", "--batch-size", "4"] if verb == "judge" else ["eval", verb, "--batch-size", "4"])
+    assert e.value.code == 2 and "unrecognized arguments: --batch-size 4" in capsys.readouterr().err
+
+
+def test_batching_verbs_keep_batch_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "choice", "--help"])
+    assert "--batch-size" in capsys.readouterr().out
