@@ -60,10 +60,10 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise QloraError("shard_base: needs several processes (--nproc N with N > 1, or torchrun)")
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
     if model is None:
-        from .memory import return_freed_memory
+        from .memory import preflight, return_freed_memory
 
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
-        _preflight(cfg)
+        preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
         shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2, layer by layer as loaded
         model, tokenizer = hf.load(
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
@@ -90,13 +90,6 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise QloraError(f"{cfg.data}: no training examples left after the validation split")
     print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
     return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt))
-
-
-def _preflight(cfg: TrainConfig) -> None:
-    from . import memory
-
-    if hasattr(memory, "preflight"):  # TODO(lead): wire the estimator's final signature
-        memory.preflight(cfg)
 
 
 # ---- loss ----

@@ -186,6 +186,17 @@ def test_bf16_lora_only_adapters_change_dtype_and_are_saved_in_bf16(tiny_llama, 
         assert torch.equal(layer.lora_B.weight, saved[f"base_model.model.{name}.lora_B.weight"].float())
 
 
+def test_setup_runs_the_memory_preflight_before_loading(tiny_llama, tmp_path, monkeypatch):
+    import importlib
+
+    plan = importlib.import_module("qlora.memory.plan")  # the module (qlora.memory.plan is also a function)
+    monkeypatch.setattr(plan, "memory_available", lambda device="cpu": 2**20)
+    with pytest.raises(QloraError, match="needs about .* but 1.00 MiB is available on cpu; pass --force"):
+        setup(_cfg(tmp_path, tiny_llama))
+    assert not (tmp_path / "out").exists()
+    assert setup(_cfg(tmp_path, tiny_llama, force=True)).model is not None
+
+
 def test_cli_end_to_end(tiny_llama, tmp_path):
     data = _write_rows(tmp_path / "rows.jsonl")
     out = tmp_path / "run"
