@@ -36,8 +36,11 @@ NF4 = (
 _FP4_E2M1_RAW = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 # FP4 E3M0: sign bit + 3 exponent bits, no mantissa; exponent field 0 is zero, e -> 2^(e-7).
+# Index 8 holds +0.0, as in FP4 above: with -0.0 there, the quantizer (nearest value, ties to the
+# lower code) sent tiny positive values to code 8, so they came back as -0.0 and re-quantized to
+# code 0 (+0.0) - a dequantize/quantize round trip that changed bits.
 _FP4_E3M0_RAW = tuple(
-    s * (0.0 if e == 0 else 2.0 ** (e - 7)) for s in (1.0, -1.0) for e in range(8)
+    s * 2.0 ** (e - 7) if e else 0.0 for s in (1.0, -1.0) for e in range(8)
 )
 
 # Symmetric Int4 as bitsandbytes' get_4bit_type("int4"): code i -> (7 - i)/7, then -(i - 8)/7.

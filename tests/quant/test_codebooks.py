@@ -24,7 +24,8 @@ def test_nf4_shape_of_the_table():
 
 def test_fp4_e3m0_and_int4_values():
     e3m0 = [0.0] + [2.0 ** (e - 7) for e in range(1, 8)]  # exponent field 0 is zero, no mantissa
-    assert_bits_equal(code4("fp4_e3m0"), torch.tensor(e3m0 + [-v for v in e3m0]), "fp4_e3m0")
+    # code 8 is +0.0 as in FP4 (a -0.0 there broke the re-quantization fixed point, test_properties)
+    assert_bits_equal(code4("fp4_e3m0"), torch.tensor(e3m0 + [0.0] + [-v for v in e3m0[1:]]), "fp4_e3m0")
     int4 = [i / 7 for i in range(7, -1, -1)] + [-i / 7 for i in range(0, 8)]  # code 8 is +0.0
     assert_bits_equal(code4("int4"), torch.tensor(int4).float(), "int4")
 

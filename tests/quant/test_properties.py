@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qlora
@@ -73,6 +74,7 @@ def test_shape_and_dtype_are_preserved(w, quant_type, double_quant, out_dtype):
 
 @SETTINGS
 @given(w=tensors(), quant_type=st.sampled_from(QUANT_TYPES), blocksize=st.sampled_from([32, 64, 256]))
+@example(w=torch.tensor([[1.0, 128.0]]), quant_type="fp4_e3m0", blocksize=32)  # once failed: see below
 def test_requantizing_the_dequantized_tensor_is_a_fixed_point(w, quant_type, blocksize):
     q = qlora.quantize(w, quant_type, blocksize, double_quant=False)
     w1 = qlora.dequantize(q, torch.float32)
@@ -81,3 +83,17 @@ def test_requantizing_the_dequantized_tensor_is_a_fixed_point(w, quant_type, blo
     # values, not codes: fp4/int4/fp4_e3m0 hold two codes for zero, and a value just above 0
     # takes the upper one while 0.0 itself takes the lower one
     assert_bits_equal(qlora.dequantize(q2, torch.float32), w1, "dequantized")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_tiny_positive_value_round_trips_as_plus_zero_in_fp4_e3m0(dtype):
+    """[1, 128] in fp4_e3m0: 1/128 lies on the midpoint between 0 and 2^-6, and goes to code 8, a
+    zero code. That code used to hold -0.0, which re-quantizes to code 0 (+0.0): the second
+    dequantization differed in its sign bit. Both zero codes now dequantize to +0.0."""
+    w = torch.tensor([[1.0, 128.0]], dtype=dtype)
+    q = qlora.quantize(w, "fp4_e3m0", 32, double_quant=False)
+    w1 = qlora.dequantize(q, torch.float32)
+    assert q.data.flatten().tolist() == [0x87]  # codes 8 (zero) and 7 (+1.0), as before the fix
+    assert_bits_equal(w1, torch.tensor([[0.0, 128.0]]), "dequantized")
+    w2 = qlora.dequantize(qlora.quantize(w1, "fp4_e3m0", 32, double_quant=False), torch.float32)
+    assert_bits_equal(w2, w1, "re-quantized")
