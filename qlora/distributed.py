@@ -12,6 +12,9 @@ guard and the optimizer then see identical gradients on every rank, and the LoRA
 optimizer state stay identical without being broadcast. Checkpoints are written by rank 0 only;
 the data position in them is global, so a run resumes under any world size.
 
+With shard_base (`--shard-base`), FSDP2 also splits every decoder layer's frozen 4-bit weights over
+the ranks (layer_sharder); LoRA stays data-parallel as above.
+
 Everything here is a no-op in a single process (WORLD_SIZE unset or 1).
 """
 

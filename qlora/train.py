@@ -55,16 +55,13 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     device = distributed.init(pick_device(cfg.device))  # under torchrun: join the group, this rank's device
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
-    shard = None
-    if cfg.shard_base and distributed.world_size() == 1:
-        raise QloraError("shard_base: needs several processes (--nproc N with N > 1, or torchrun)")
+    shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
     if model is None:
         from .memory import preflight, return_freed_memory
 
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
-        shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2, layer by layer as loaded
         model, tokenizer = hf.load(
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
             compute_dtype=DTYPES[cfg.compute_dtype], quantize_head=cfg.quantize_head, device=device,
@@ -77,7 +74,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
 
-        held, whole = distributed.shard_base(model, shard or distributed.layer_sharder(device))
+        held, whole = distributed.shard_base(model, shard)
         return_freed_memory()
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
