@@ -7,11 +7,11 @@
 Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) after the same chat
 prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
 tokens/s is (n - 1) / (time of the last token - time of the first), so the prompt's prefill is
-apart. qlora decodes llama-family models with its own compiled step (qlora/decode.py);
---forward-row adds a row for the same qlora model through transformers' forward, its path before.
-The rows take turns `--repeats` times; the median is reported, with the process CPU time
-per token (what a shared, busy machine distorts least). Both quantize the base to NF4, blocksize 64,
-double quantization, compute dtype --dtype.
+apart, and so is the CPU time per token. qlora decodes llama-family models with its own compiled
+step (qlora/decode.py); --forward-row adds a row for the same qlora model through transformers'
+forward, its path before. The rows take turns `--repeats` times; the median is reported, with the
+process CPU time per decoded token (what a shared, busy machine distorts least). Both quantize the
+base to NF4, blocksize 64, double quantization, compute dtype --dtype.
 """
 
 from __future__ import annotations
@@ -32,10 +32,16 @@ PROMPT = [{"role": "system", "content": "Extract the person's name, age, city an
 
 
 def time_tokens(run) -> tuple[list[int], list[float], float]:
-    """Token ids, the wall time each came out at (from the call), and the CPU seconds of the call."""
-    stamps, t0, c0 = [], time.perf_counter(), time.process_time()
-    tokens = [tok for tok in run(lambda: stamps.append(time.perf_counter() - t0))]
-    return tokens, stamps, time.process_time() - c0
+    """Token ids, the wall time each came out at (from the call), and the process CPU seconds from
+    the first token to the last (decoding only, as the rate)."""
+    stamps, cpu, t0 = [], [], time.perf_counter()
+
+    def mark():
+        stamps.append(time.perf_counter() - t0)
+        cpu.append(time.process_time())
+
+    tokens = list(run(mark))
+    return tokens, stamps, cpu[-1] - cpu[0]
 
 
 def qlora_runner(model, ids, n, path: str = ""):
@@ -111,7 +117,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--forward-row", action="store_true",
-                    help="also time qlora's model through transformers' forward (its decode path before qlora/decode.py)")
+                    help="also time qlora's model through transformers' forward "
+                         "(its decode path before qlora/decode.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,13 +143,13 @@ def main() -> None:
         for name, run in runners.items():  # taking turns: a busy machine slows both alike
             results[name].append(time_tokens(run))
     print(f"load avg after: {os.getloadavg()[0]:.1f}\n")
-    print("| implementation | decode tokens/s (median) | first token incl. prefill (ms) | CPU per token (ms) |")
+    print("| implementation | decode tokens/s (median) | first token incl. prefill (ms) | decode CPU per token (ms) |")
     print("|---|---:|---:|---:|")
     rates = {}
     for name, runs in results.items():
         rates[name] = statistics.median((len(s) - 1) / (s[-1] - s[0]) for _, s, _ in runs)
         first = statistics.median(s[0] for _, s, _ in runs)
-        cpu = statistics.median(c / len(s) for _, s, c in runs)
+        cpu = statistics.median(c / (len(s) - 1) for _, s, c in runs)
         print(f"| {name} | {rates[name]:.1f} | {first * 1e3:.0f} | {cpu * 1e3:.1f} |")
     names = list(results)
     peer = next((k for k in names if k.startswith("transformers")), None)

@@ -165,15 +165,17 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
         step = decode.decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
         if step is not None:
             step.load(out.past_key_values, len(ids))
-    logits = out.logits[0, -1]
+    logits, token = out.logits[0, -1], None
     for i in range(budget):
         if cancel and cancel():
             return
-        token = pick(logits, s, gen)
+        token = pick(logits, s, gen) if logits is not None else token
         yield token
         if i + 1 < budget:
             with torch.inference_mode():
-                if step is not None:
+                if step is not None and s.temperature <= 0:
+                    logits, token = None, step.greedy(token)  # the argmax, without all the logits
+                elif step is not None:
                     logits = step.step(token)
                 else:
                     out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,

@@ -70,14 +70,32 @@ def test_logits_match_the_models_forward(sharp):
     assert all(torch.equal(fast, fast.bfloat16().float()) for _, fast, _ in rows)  # bf16 logits, as the model's
 
 
+def test_greedy_step_is_the_argmax_of_the_logits(sharp):
+    model, tok = sharp
+    ids = tok(PROMPT)["input_ids"]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        full, greedy = decode.decoder(model, len(ids) + 30), decode.decoder(model, len(ids) + 30)
+        full.load(out.past_key_values, len(ids))
+        greedy.load(out.past_key_values, len(ids))
+        token = int(out.logits[0, -1].argmax())
+        for _ in range(30):
+            expected = int(full.step(token).argmax())
+            assert greedy.greedy(token) == expected
+            token = expected
+    assert greedy.plan.screen is not None  # the int8 screen of the tied bf16 head was used
+
+
 def test_sample_takes_the_decoder_and_agrees_with_the_forward(sharp, monkeypatch):
     model, tok = sharp
     ids = tok(PROMPT)["input_ids"]
     steps = []
-    real = decode.Decoder.step
-    monkeypatch.setattr(decode.Decoder, "step", lambda self, token: steps.append(token) or real(self, token))
+    real = decode.Decoder.greedy
+    monkeypatch.setattr(decode.Decoder, "greedy", lambda self, token: steps.append(token) or real(self, token))
     ours = list(sample(model, ids, GenerationSettings(), 20))
-    assert len(steps) == 19  # every token after the first comes from the decoder
+    assert len(steps) == 19  # every token after the first comes from the decoder's greedy step
+    seeded = GenerationSettings(temperature=0.8, seed=3)
+    assert list(sample(model, ids, seeded, 12)) == list(sample(model, ids, seeded, 12))  # sampling: full logits
     monkeypatch.setenv("QLORA_DECODE", "model")
     assert decode.decoder(model, 100) is None
     theirs = list(sample(model, ids, GenerationSettings(), 20))

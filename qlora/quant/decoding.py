@@ -85,10 +85,29 @@ class _Llama(ctypes.Structure):
     """struct QloraLlama of csrc/llama_cpu.cpp."""
     _fields_ = [("layers", ctypes.POINTER(_LlamaLayer))]
     _fields_ += [(name, ctypes.c_void_p) for name in ("embed", "norm", "head")]
-    _fields_ += [("head_4bit", ctypes.POINTER(_DecodeLinear)), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+    _fields_ += [("head_4bit", ctypes.POINTER(_DecodeLinear))]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("head_q", "head_scale", "head_err", "cos", "sin")]
     _fields_ += [(name, ctypes.c_int64) for name in
                  ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "capacity")]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def int8_screen(w: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For argmax_gemv_bf16: w (n, k) as int8 q with per-row fp32 scales s = max|w[o]| / 127, and
+    err[o] >= ||w[o] - s[o] q[o]||_2. In fp32, `rows` at a time: the residual as computed is off by
+    at most 2^-16 s per element (one rounding of s·q, near w), the norm by far less than 1e-4."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale, err = torch.empty(n), torch.empty(n)
+    for i in range(0, n, rows):
+        block = w[i: i + rows].float()
+        s = (block.abs().amax(1) / 127).clamp_min(1e-30)
+        qi = (block / s[:, None]).round_().clamp_(-127, 127)
+        q[i: i + rows] = qi.to(torch.int8)
+        residual = block.sub_(qi.mul_(s[:, None])).norm(dim=1)
+        err[i: i + rows] = residual * (1 + 1e-4) + s * (2 * k ** 0.5 * 2.0 ** -16)
+        scale[i: i + rows] = s
+    return q, scale, err
 
 
 def block_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -111,9 +130,10 @@ class Llama:
     qkv, o, gate_up, down), norms bf16 (hidden,), the rest DecodeLinears; keys: bf16 (layers,
     kv_heads, capacity / 16, head_dim, 16) (block_keys' layout), values: bf16 (layers, kv_heads,
     capacity, head_dim); cos/sin: bf16 (capacity, head_dim); head: bf16 (vocab, hidden) or a
-    DecodeLinears."""
+    DecodeLinears; screen: int8_screen(head) for greedy steps, or None."""
 
-    def __init__(self, layers, keys, values, embed, norm, head, cos, sin, heads: int, eps: float, scale: float):
+    def __init__(self, layers, keys, values, embed, norm, head, cos, sin, heads: int, eps: float, scale: float,
+                 screen: tuple | None = None):
         n_layers, kv_heads, capacity, head_dim = values.shape
         bf16 = [embed, norm, cos, sin] + [t for layer in layers for t in layer[:2]]
         if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in bf16):
@@ -125,7 +145,7 @@ class Llama:
                              "16) and (layers, kv_heads, capacity, head_dim), capacity a multiple of 16")
         if len(layers) != n_layers or tuple(cos.shape) != (capacity, head_dim) or cos.shape != sin.shape:
             raise ValueError("cache, layers and rotary tables disagree on the layer count, capacity or head dim")
-        self.keep = [keys, values, embed, norm, head, cos, sin, layers]
+        self.keep = [keys, values, embed, norm, head, cos, sin, layers, screen]
         self.vocab, self.capacity = embed.shape[0], capacity
         ptr = lambda d: ctypes.cast(ctypes.byref(d.array), ctypes.POINTER(_DecodeLinear))  # noqa: E731
         intermediate = layers[0][5].k
@@ -141,7 +161,13 @@ class Llama:
         head_bf16 = isinstance(head, torch.Tensor)
         if head_bf16 and (head.dtype != torch.bfloat16 or not head.is_contiguous() or head.shape != embed.shape):
             raise ValueError("the output head must be contiguous bf16 (vocab, hidden)")
+        if screen is not None:
+            q, s, err = screen
+            if not head_bf16 or q.shape != head.shape or q.dtype != torch.int8 or s.shape != (head.shape[0],) \
+                    or err.shape != s.shape:
+                raise ValueError("the screen must be int8_screen(head) of a bf16 head")
+        q, s, err = (None, None, None) if screen is None else (t.data_ptr() for t in screen)
         self.struct = _Llama(
             self._layers, embed.data_ptr(), norm.data_ptr(), head.data_ptr() if head_bf16 else None,
-            None if head_bf16 else ptr(head), cos.data_ptr(), sin.data_ptr(),
+            None if head_bf16 else ptr(head), q, s, err, cos.data_ptr(), sin.data_ptr(),
             n_layers, embed.shape[1], heads, kv_heads, head_dim, intermediate, self.vocab, capacity, eps, scale)

@@ -170,6 +170,10 @@ class CpuKernels:
         lib.qlora_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p]
         lib.qlora_llama_step.argtypes = [p, i64, i64, p]
         lib.qlora_llama_step.restype = i32
+        lib.qlora_llama_greedy.argtypes = [p, i64, i64]
+        lib.qlora_llama_greedy.restype = i64
+        lib.qlora_argmax_gemv_bf16.argtypes = [p, p, p, p, i64, i64, p]
+        lib.qlora_argmax_gemv_bf16.restype = i64
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
         self.gemv_simd = bool(lib.qlora_gemv_simd())  # AVX512-BF16 dot products (else scalar)
@@ -274,7 +278,8 @@ class CpuKernels:
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.numel() != specs.k:
             raise ValueError(f"x must be a contiguous bfloat16 vector of {specs.k}, got {x.dtype} {tuple(x.shape)}")
         if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != specs.n:
-            raise ValueError(f"out must be a contiguous float32 vector of {specs.n}, got {out.dtype} {tuple(out.shape)}")
+            raise ValueError(f"out must be a contiguous float32 vector of {specs.n}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
         self._lib.qlora_decode_linear(ctypes.byref(specs.array), len(specs.array), x.data_ptr(), out.data_ptr())
         return out
 
@@ -304,8 +309,8 @@ class CpuKernels:
                 and tuple(keys.shape) == (kv, capacity // 16, d, 16) and capacity % 16 == 0 and heads % kv == 0
                 and 0 < length <= capacity and all(t.is_contiguous() for t in (q, keys, values, out))
                 and out.shape == q.shape):
-            raise ValueError("decode_attention: expected contiguous fp32 q and out (H, D), bf16 keys (KV, capacity / 16, "
-                             f"D, 16) and values (KV, capacity, D); got {tuple(q.shape)}, {tuple(keys.shape)}, "
+            raise ValueError("decode_attention: expected contiguous fp32 q and out (H, D), bf16 keys "
+                             f"(KV, capacity / 16, D, 16) and values (KV, capacity, D); got {tuple(q.shape)}, {tuple(keys.shape)}, "
                              f"{tuple(values.shape)}, length {length}")
         self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, length,
                                          heads, kv, d, scale, out.data_ptr())
@@ -320,6 +325,27 @@ class CpuKernels:
             raise ValueError(f"token {token} or position {pos} out of range (vocab {model.vocab}, "
                              f"capacity {model.capacity})")
         return logits
+
+    def llama_greedy(self, model, token: int, pos: int) -> int:
+        """`llama_step` for greedy decoding: the argmax of its logits (lowest index on a tie), found
+        through the model's int8 head screen if it has one."""
+        best = self._lib.qlora_llama_greedy(ctypes.byref(model.struct), token, pos)
+        if best < 0:
+            raise ValueError(f"token {token} or position {pos} out of range (vocab {model.vocab}, "
+                             f"capacity {model.capacity})")
+        return best
+
+    def argmax_gemv_bf16(self, w: torch.Tensor, screen, x: torch.Tensor) -> int:
+        """argmax over o of bf16(w[o] · x), lowest index on a tie, reading w only where the int8
+        screen (decoding.int8_screen(w)) cannot rule a row out."""
+        q, scale, err = screen
+        n, k = w.shape
+        if w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.numel() != k or not w.is_contiguous() \
+                or q.shape != w.shape or scale.shape != (n,) or err.shape != (n,):
+            raise ValueError("argmax_gemv_bf16: expected bf16 w (n, k), x (k,) and int8_screen(w)")
+        x = x.contiguous()
+        return self._lib.qlora_argmax_gemv_bf16(w.data_ptr(), q.data_ptr(), scale.data_ptr(), err.data_ptr(), n, k,
+                                                x.data_ptr())
 
     def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
         """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py)."""

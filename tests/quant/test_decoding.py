@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora import quant
-from qlora.quant.decoding import DecodeLinears, block_keys, unblock_keys
+from qlora.quant.decoding import DecodeLinears, block_keys, int8_screen, unblock_keys
 
 
 def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0):
@@ -102,3 +102,25 @@ def test_key_blocks_round_trip():
     assert blocked.shape == (3, 3, 8, 16) and blocked[:, 2, :, 5:].abs().sum() == 0
     assert blocked[1, 1, 4, 3] == keys[1, 16 + 3, 4]
     assert torch.equal(unblock_keys(blocked, 37), keys)
+
+
+def test_int8_screen_bounds_the_row_error():
+    w = torch.randn(300, 96).bfloat16()
+    q, scale, err = int8_screen(w, rows=128)
+    exact = (w.double() - scale.double()[:, None] * q.double()).norm(dim=1)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert bool((err.double() >= exact).all()) and bool((err.double() <= exact * 1.001 + 1e-12).all())
+
+
+def test_greedy_head_is_the_argmax_of_the_rounded_logits(k):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 96, generator=g).bfloat16()
+    w[4000] = w[17]  # an exact tie: the lower index wins, as torch.argmax picks it
+    w[2500] = (w[17].float() * (1 + 2 ** -8)).bfloat16()  # within a bf16 step of the tie
+    screen = int8_screen(w)
+    for seed in range(20):
+        x = torch.randn(96, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        if seed % 4 == 0:
+            x = (w[17].float() / w[17].float().norm() * 4).bfloat16()  # make row 17 (and its twins) win
+        expected = int(k.gemv_bf16(w, x, round_bf16=True).argmax())
+        assert k.argmax_gemv_bf16(w, screen, x) == expected

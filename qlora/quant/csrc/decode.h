@@ -27,6 +27,9 @@ namespace qlora {
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out);
 // out (n, fp32) = W (n, k, bf16) · x (k, bf16).
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out);
+// argmax over o of bf16(W[o] · x) (lowest index on a tie) through an int8 screen of W (decode_cpu.cpp).
+int64_t argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale, const float* err, int64_t n,
+                         int64_t k, const uint16_t* x);
 // out (H, D) = softmax(scale · q·Kᵀ)·V over T positions, fp32; keys (KV, capacity / 16, D, 16):
 // blocks of 16 positions, transposed; values (KV, capacity, D); both bf16.
 void attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,

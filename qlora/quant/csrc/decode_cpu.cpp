@@ -173,6 +173,26 @@ void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* o
   for (int64_t o = 0; o < n; ++o) out[o] = gemv16_row(w + o * k, k, x);
 }
 
+float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return gemv16_row(w, k, x); }
+
+// q · x for an int8 row q and fp32 x, four accumulators (as gemv16_row), 16 lanes each.
+float gemv8_row(const int8_t* q, int64_t k, const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  const auto load = [&](int64_t i) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+  };
+  for (; j + 64 <= k; j += 64) {
+    a0 = _mm512_fmadd_ps(load(j), _mm512_loadu_ps(x + j), a0);
+    a1 = _mm512_fmadd_ps(load(j + 16), _mm512_loadu_ps(x + j + 16), a1);
+    a2 = _mm512_fmadd_ps(load(j + 32), _mm512_loadu_ps(x + j + 32), a2);
+    a3 = _mm512_fmadd_ps(load(j + 48), _mm512_loadu_ps(x + j + 48), a3);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; j < k; ++j) s += float(q[j]) * x[j];
+  return s;
+}
+
 void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
   t_x.resize(L.k);
   even_odd(x, L.k, t_x.data());
@@ -192,6 +212,18 @@ void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* o
     for (int64_t j = 0; j < k; ++j) acc += bf16_to_float(w[o * k + j]) * bf16_to_float(x[j]);
     out[o] = acc;
   }
+}
+
+float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) {
+  float acc = 0.0f;
+  for (int64_t j = 0; j < k; ++j) acc += bf16_to_float(w[j]) * bf16_to_float(x[j]);
+  return acc;
+}
+
+float gemv8_row(const int8_t* q, int64_t k, const float* x) {
+  float acc = 0.0f;
+  for (int64_t j = 0; j < k; ++j) acc += float(q[j]) * x[j];
+  return acc;
 }
 
 void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* out) {
@@ -242,6 +274,42 @@ void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float
   ::gemv16(w, n, k, x, out);
 }
 
+// The index of the largest bf16(W[o] · x) (the lowest on a tie), as an argmax over gemv_bf16's
+// output rounded to bf16 would give, reading W only where it can matter: an int8 copy
+// (q, per-row scale s) gives a[o] = s[o] · (q[o] · x) with |W[o]·x - a[o]| <= err[o] · ||x||_2 + slack
+// (err[o] = ||W[o] - s[o] q[o]||_2, Cauchy-Schwarz; slack covers fp32 summation), then the exact
+// bf16 row for every o whose bound reaches the best lower bound less two bf16 steps. For greedy
+// decoding: half the bytes of the output head.
+int64_t argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale, const float* err, int64_t n,
+                         int64_t k, const uint16_t* x) {
+  thread_local std::vector<float> x32, upper;
+  x32.resize(k), upper.resize(n);
+  float norm1 = 0.0f, norm2 = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    x32[j] = bf16_to_float(x[j]);
+    norm1 += std::abs(x32[j]), norm2 += x32[j] * x32[j];
+  }
+  norm2 = std::sqrt(norm2) * 1.0001f;
+  // |W[o,j]| <= 127.5 s[o]; both fp32 sums (screen and exact row) err by <= 2k 2^-24 of sum |w x|
+  const float slack = 127.5f * norm1 * float(2 * k) * 0x1.0p-24f * 2.0f;
+  float best_lower = -INFINITY;
+  for (int64_t o = 0; o < n; ++o) {
+    const float a = scale[o] * ::gemv8_row(q + o * k, k, x32.data());
+    const float b = err[o] * norm2 + scale[o] * slack;
+    upper[o] = a + b;
+    best_lower = std::max(best_lower, a - b);
+  }
+  const float threshold = best_lower - (std::abs(best_lower) * 0x1.0p-6f + 0x1.0p-20f);
+  int64_t best = -1;
+  float best_value = -INFINITY;
+  for (int64_t o = 0; o < n; ++o) {
+    if (!(upper[o] >= threshold)) continue;
+    const float v = bf16_to_float(float_to_bf16(::gemv16_row1(w + o * k, k, x)));
+    if (best < 0 || v > best_value) best = o, best_value = v;
+  }
+  return best;
+}
+
 namespace {
 
 #ifdef QLORA_GEMV_BF16
@@ -254,7 +322,8 @@ inline __m512 exp16(__m512 x) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
   __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
 #endif
@@ -315,7 +384,8 @@ void attention(const float* q, const uint16_t* keys, const uint16_t* values, int
       for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
       for (int64_t t = 0; t < T; ++t) {
         const __m512 pt = _mm512_set1_ps(p[t]);
-        for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_fmadd_ps(pt, load_bf16(V + t * D + v * 16, 0xffff), acc[v]);
+        for (int64_t v = 0; v < D / 16; ++v)
+          acc[v] = _mm512_fmadd_ps(pt, load_bf16(V + t * D + v * 16, 0xffff), acc[v]);
       }
       for (int64_t v = 0; v < D / 16; ++v) _mm512_storeu_ps(o + v * 16, _mm512_div_ps(acc[v], _mm512_set1_ps(sum)));
       continue;
@@ -331,6 +401,12 @@ void attention(const float* q, const uint16_t* keys, const uint16_t* values, int
 }  // namespace qlora
 
 extern "C" {
+
+// argmax_gemv_bf16 (see above): the index of the largest bf16(W[o] · x), lowest on a tie.
+int64_t qlora_argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale, const float* err, int64_t n,
+                               int64_t k, const uint16_t* x) {
+  return qlora::argmax_gemv_bf16(w, q, scale, err, n, k, x);
+}
 
 // 1 when the bf16 dot-product kernels are built (AVX512-BF16), 0 for the portable scalar ones.
 int qlora_gemv_simd(void) {

@@ -38,6 +38,9 @@ struct QloraLlama {
   const uint16_t* norm;                  // final norm weight
   const uint16_t* head;                  // (vocab, hidden) bf16, or null: head_4bit
   const QloraDecodeLinear* head_4bit;
+  const int8_t* head_q;                  // int8 screen of a bf16 head for greedy steps (argmax_gemv_bf16),
+  const float* head_scale;               //   per-row scales and error norms; null: no screen
+  const float* head_err;
   const uint16_t* cos;                   // (capacity, head_dim) bf16, as the rotary module gives them
   const uint16_t* sin;
   int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity;  // capacity % 16 == 0
@@ -119,6 +122,19 @@ void layer_step(const QloraLlama& m, const QloraLlamaLayer& L, uint16_t* h, int6
   add_residual(h, out, m.hidden);
 }
 
+// Embedding, the layers, the final norm: t_x holds the head's input. False if out of range.
+bool forward(const QloraLlama& m, int64_t token, int64_t pos) {
+  if (token < 0 || token >= m.vocab || pos < 0 || pos >= m.capacity || m.head_dim > 1024 || m.capacity % 16)
+    return false;
+  const int64_t width = std::max({m.hidden, m.heads * m.head_dim, 2 * m.intermediate,
+                                  (m.heads + 2 * m.kv_heads) * m.head_dim});
+  t_h.assign(m.embed + token * m.hidden, m.embed + (token + 1) * m.hidden);
+  t_x.resize(width), t_act.resize(width), t_out.resize(width), t_q.resize(width), t_att.resize(width);
+  for (int64_t i = 0; i < m.n_layers; ++i) layer_step(m, m.layers[i], t_h.data(), pos);
+  rms_norm(t_h.data(), m.norm, m.hidden, m.eps, t_x.data());
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -127,13 +143,7 @@ extern "C" {
 // keys and values of `pos` into each layer's cache. Returns 0, or -1 if a size is out of range.
 int qlora_llama_step(const QloraLlama* model, int64_t token, int64_t pos, float* logits) {
   const QloraLlama& m = *model;
-  if (token < 0 || token >= m.vocab || pos < 0 || pos >= m.capacity || m.head_dim > 1024 || m.capacity % 16) return -1;
-  const int64_t width = std::max({m.hidden, m.heads * m.head_dim, 2 * m.intermediate,
-                                  (m.heads + 2 * m.kv_heads) * m.head_dim});
-  t_h.assign(m.embed + token * m.hidden, m.embed + (token + 1) * m.hidden);
-  t_x.resize(width), t_act.resize(width), t_out.resize(width), t_q.resize(width), t_att.resize(width);
-  for (int64_t i = 0; i < m.n_layers; ++i) layer_step(m, m.layers[i], t_h.data(), pos);
-  rms_norm(t_h.data(), m.norm, m.hidden, m.eps, t_x.data());
+  if (!forward(m, token, pos)) return -1;
   if (m.head) {
     qlora::gemv_bf16(m.head, m.vocab, m.hidden, t_x.data(), logits);
   } else {
@@ -141,6 +151,20 @@ int qlora_llama_step(const QloraLlama* model, int64_t token, int64_t pos, float*
   }
   for (int64_t o = 0; o < m.vocab; ++o) logits[o] = bf(to_bf(logits[o]));  // a bf16 linear's output
   return 0;
+}
+
+// The step for greedy decoding: the next token, the argmax of qlora_llama_step's logits (the lowest
+// index on a tie), through the int8 screen of the head when there is one. -1 if out of range.
+int64_t qlora_llama_greedy(const QloraLlama* model, int64_t token, int64_t pos) {
+  const QloraLlama& m = *model;
+  if (m.head && m.head_q) {
+    if (!forward(m, token, pos)) return -1;
+    return qlora::argmax_gemv_bf16(m.head, m.head_q, m.head_scale, m.head_err, m.vocab, m.hidden, t_x.data());
+  }
+  thread_local std::vector<float> logits;
+  logits.resize(m.vocab);
+  if (qlora_llama_step(model, token, pos, logits.data()) != 0) return -1;
+  return std::max_element(logits.begin(), logits.end()) - logits.begin();
 }
 
 }  // extern "C"
