@@ -176,6 +176,8 @@ def supported(model) -> bool:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in _ARCHS or getattr(cfg, "hidden_act", None) != "silu":
         return False
+    if model.training and getattr(cfg, "attention_dropout", 0.0):
+        return False  # the forward would drop attention weights; the step never does
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     body = getattr(model, "model", None)
     if rope not in _ROPE_TYPES or body is None or not hasattr(body, "layers"):
