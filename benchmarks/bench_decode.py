@@ -2,7 +2,7 @@
 (+ PEFT for the adapter) on the same model, in the same run.
 
     python benchmarks/bench_decode.py [--adapter DIR] [--model DIR] [--new-tokens 128] [--repeats 3]
-                                      [--dtype bfloat16] [--threads N] [--forward-row]
+                                      [--dtype bfloat16] [--threads N] [--forward-row] [--llama-cpp-threads 2]
 
 Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) after the same chat
 prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
@@ -11,7 +11,9 @@ apart, and so is the CPU time per token. qlora decodes llama-family models with 
 step (qlora/decode.py); --forward-row adds a row for the same qlora model through transformers'
 forward, its path before. The rows take turns `--repeats` times; the median is reported, with the
 process CPU time per decoded token (what a shared, busy machine distorts least). Both quantize the
-base to NF4, blocksize 64, double quantization, compute dtype --dtype.
+base to NF4, blocksize 64, double quantization, compute dtype --dtype. Where llama-cpp-python is
+installed and the model is a GGUF file, llama.cpp decodes the file as stored (the embedded model is
+Q4_1) without the adapter, as the CPU-performance issue measured it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,24 @@ def peer_runner(model, ids, n):
     return run
 
 
+def llama_cpp_runner(gguf: str, ids, n, threads: int):
+    """llama.cpp (llama-cpp-python) on the GGUF file as it is (the embedded model is Q4_1), greedy."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=len(ids) + n + 8, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(mark):
+        llm.reset()
+        out = []
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            mark()
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        return out
+    return run
+
+
 def load_peer(model: str | None, adapter: str | None, dtype: torch.dtype, tmp: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -116,6 +136,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--llama-cpp-threads", type=int, default=2,
+                    help="threads for the llama.cpp row (llama-cpp-python, when installed; GGUF models only)")
     ap.add_argument("--forward-row", action="store_true",
                     help="also time qlora's model through transformers' forward "
                          "(its decode path before qlora/decode.py)")
@@ -136,6 +158,13 @@ def main() -> None:
         runners["transformers + bitsandbytes NF4" + (" + PEFT" if adapters else "")] = peer_runner(peer, ids, n)
     except ImportError as e:
         print(f"(no peer row: {e})")
+    model_dir, gguf_file = hf.resolve(args.model)
+    try:
+        if gguf_file:
+            runners[f"llama.cpp, GGUF as stored, base only, {args.llama_cpp_threads} threads"] = llama_cpp_runner(
+                os.path.join(model_dir, gguf_file), ids, n, args.llama_cpp_threads)
+    except ImportError as e:
+        print(f"(no llama.cpp row: {e})")
     print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, prompt {len(ids)} tokens, {n} new tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
     results = {name: [] for name in runners}
@@ -158,6 +187,9 @@ def main() -> None:
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[peer]:.2f}x; "
               f"greedy tokens identical for the first {same} of {n}")
+    llama = next((k for k in names if k.startswith("llama.cpp")), None)
+    if llama:
+        print(f"qlora / llama.cpp decode speed: {rates[names[0]] / rates[llama]:.2f}x")
     forward = next((k for k in names if "QLORA_DECODE=model" in k), None)
     if forward:
         a, b = results[names[0]][0][0], results[forward][0][0]

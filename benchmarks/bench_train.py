@@ -54,12 +54,12 @@ def run_qlora(steps: int, warmup: int, checkpointing: bool = False) -> dict:
     from qlora import hf
     from qlora.memory import return_freed_memory
     from qlora.optim import build_optimizer
-    from qlora.train import loss_sum
+    from qlora.train import enable_gradient_checkpointing, loss_sum
 
     return_freed_memory()  # as `qlora train` does before loading
     model, _ = hf.load(model_dir(), lora=dict(r=R, alpha=ALPHA, dropout=0.05))
     if checkpointing:  # as `qlora train --gradient-checkpointing` does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     ids = batch_ids(model.config.vocab_size)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

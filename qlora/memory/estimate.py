@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import QloraError
+from ..nn.fused import FUSED_MODEL_TYPES
 from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
 from ..quant.state import NESTED_BLOCKSIZE
@@ -40,8 +41,9 @@ DEQUANT_COPIES = 2
 # tensor at a time (qlora.hf._load_streaming), the largest one as file pages and a 16-bit copy.
 LOAD_BYTES_PER_PARAM_GGUF = 4  # + the compute dtype
 # The loss through a frozen head (qlora.nn.loss) works on LOSS_CHUNK_TOKENS target positions at a
-# time: their logits in the compute dtype and in fp32 (softmax in place), plus tanh's output for a
-# softcapped head; it keeps dL/dh for every target (compute dtype). A quantized head takes the
+# time: their logits in the compute dtype and in fp32 (softmax in place; on CPU in bf16 the compiled
+# per-row pass needs no fp32 copy), plus tanh's output for a softcapped head; it keeps dL/dh for
+# every target (compute dtype). A quantized head takes the
 # plain path: fp32 logits (4 bytes/vocab entry), cross-entropy's fp32 log-softmax (4), and in
 # backward the incoming gradient and the result at once (4 + 4 + 4).
 LOSS_BYTES_PER_VOCAB = 12
@@ -253,6 +255,11 @@ def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
     if arch.gpt2_style:  # LayerNorm saves its input, mean and rstd; gelu_new saves 4 tensors
         norms = 2 * (c * h + 2 * c)
         mlp = 4 * c * i + (2 * c * h if arch.dropout > 0 else 0)  # + residual dropout noise
+    elif _fused(arch):  # nn.fused: RMSNorm keeps its input + an fp32 rstd; SwiGLU keeps gate and up
+        norms = arch.norms_per_layer * (c * h + 4)
+        if arch.qk_norm:
+            norms += (arch.heads + arch.kv_heads) * (c * arch.head_dim + 4)
+        mlp = 2 * c * i
     else:  # RMSNorm saves an fp32 copy of its input + fp32 rsqrt; gated MLP: gate, act(gate), up
         norms = arch.norms_per_layer * (4 * h + 4)
         if arch.qk_norm:
@@ -264,15 +271,22 @@ def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
     return norms + _attention_bytes(arch, s) + mlp + lora, fixed
 
 
+def _fused(arch: Arch) -> bool:
+    return arch.model_type in FUSED_MODEL_TYPES and not arch.gpt2_style and not arch.gemma_norm
+
+
 def _activations(arch: Arch, s: Settings) -> tuple[int, int]:
-    """(without, with) gradient checkpointing. With it, each block keeps only its input and one
-    block is recomputed at a time during backward."""
+    """(without, with) gradient checkpointing. With it, each block keeps its input and, with SDPA,
+    attention's output and logsumexp (train.enable_gradient_checkpointing), and one block is
+    recomputed at a time during backward."""
     tokens = s.batch_size * s.seq_len
     per_token, fixed = layer_activation_bytes(arch, s)
     layer = per_token * tokens + fixed
-    final_norm = (4 * arch.hidden + 4) * tokens
+    final_norm = ((s.c if _fused(arch) else 4) * arch.hidden + 4) * tokens
     without = arch.layers * layer + final_norm
-    with_ckpt = arch.layers * s.c * arch.hidden * tokens + layer + final_norm
+    flash = s.attention == "sdpa" and not (arch.gpt2_style and arch.dropout > 0 and s.device == "cpu")
+    kept = s.c * arch.hidden + ((s.c * arch.head_dim + 4) * arch.heads if flash else 0)
+    with_ckpt = arch.layers * kept * tokens + layer + final_norm
     return without, with_ckpt
 
 
@@ -287,7 +301,9 @@ def _loss_bytes(arch: Arch, s: Settings) -> int:
     targets = s.batch_size * s.targets_per_seq
     if s.quantize_head:
         return LOSS_BYTES_PER_VOCAB * arch.vocab * targets
-    return min(targets, LOSS_CHUNK_TOKENS) * arch.vocab * (s.c + 4 + 4 * arch.softcap) + targets * arch.hidden * s.c
+    compiled = s.device == "cpu" and s.c == 2 and not arch.softcap  # nn.loss's per-row pass: no fp32 copy
+    per_vocab = s.c + (0 if compiled else 4 + 4 * arch.softcap)
+    return min(targets, LOSS_CHUNK_TOKENS) * arch.vocab * per_vocab + targets * arch.hidden * s.c
 
 
 def estimate(model_config: dict, **settings) -> Breakdown:

@@ -7,32 +7,52 @@ gradient — for SmolLM2 (vocab 49,152) that is 0.6 GB at 1,024 tokens — and i
 backward, zero fill and fp32 copies took a fifth of a training step on CPU. The head is frozen,
 so the only gradient is dL/dh = (softmax(z) − onehot(y))·W, which forward can form chunk by chunk
 while each chunk's logits are in cache; backward then just scales it by the incoming gradient.
-Logits come from the same bf16 matmul as the head's, the softmax is in fp32, as before.
+Logits come from the same bf16 matmul as the head's, the softmax is in fp32, as before. On CPU
+with bf16 logits one compiled pass per row (quant/csrc/train_cpu.cpp) does max, exp, sum and
+softmax − onehot in place: torch's exp alone took ~17 ms per (256 × 49k) chunk here.
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK_TOKENS = 256  # (256 × vocab) fp32 per chunk: 50 MB for a 49k vocabulary
+from ..quant import kernels
+
+CHUNK_TOKENS = 256  # (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
 
 
-def _chunk(h, y, weight, softcap: float | None, want_grad: bool):
-    """(summed loss, dL/dh or None) for one chunk; its (C, V) temporaries die on return."""
-    z = (h @ weight.t()).float()  # (C, V)
+def _chunk(h, y, weight, softcap: float | None, out, zb, z):
+    """Summed loss of one chunk; with `out`, dL/dh written there. zb (C, V) in h's dtype and z
+    (C, V) fp32 (None on the compiled path) are buffers the caller reuses across chunks: fresh
+    ones cost ~25k page faults per chunk on CPU."""
+    torch.mm(h, weight.t(), out=zb)
+    k = kernels.cpu_kernels(zb) if zb.dtype == torch.bfloat16 and not softcap else None
+    if k is not None:  # one compiled pass per row: max, exp and sum, softmax - onehot in place
+        loss = k.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
+        if out is not None:
+            torch.mm(zb, weight, out=out)
+        return loss
+    rows = torch.arange(len(y), device=h.device)
+    if z is not zb:
+        z.copy_(zb)  # fp32 (a mixed-dtype op would take torch's unvectorized path: ~20x slower)
     t = None
     if softcap:
         t = torch.tanh(z.div_(softcap))
-        z = t * softcap
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    loss = (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-    if not want_grad:
-        return loss, None
-    g = z.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-    g[torch.arange(len(y), device=g.device), y] -= 1.0
+        torch.mul(t, softcap, out=z)
+    zy, m = z[rows, y], z.amax(-1, keepdim=True)
+    e = z.sub_(m).exp_()  # exp(z - max)
+    s = e.sum(-1)
+    loss = (m.squeeze(1) + s.log() - zy).sum()  # logsumexp - target logit
+    if out is None:
+        return loss
+    e[rows, y] -= s  # softmax - onehot, before dividing by s
+    e.mul_(s.reciprocal()[:, None])
     if softcap:
-        g.mul_(1.0 - t * t)  # d(cap·tanh(u/cap))/du
-    return loss, g.to(h.dtype) @ weight
+        e.mul_(1.0 - t * t)  # d(cap·tanh(u/cap))/du
+    if zb is not e:
+        zb.copy_(e)
+    torch.mm(zb, weight, out=out)
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -40,12 +60,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, softcap: float | None, chunk: int):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        c = min(chunk, hidden.shape[0])
+        zb = hidden.new_empty(c, weight.shape[0])
+        z = zb if zb.dtype == torch.float32 and not softcap else None
+        if z is None and (softcap or kernels.cpu_kernels(zb) is None):  # the compiled pass needs no fp32 copy
+            z = zb.new_empty(zb.shape, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            loss, grad = _chunk(hidden[rows], targets[rows], weight, softcap, grad_hidden is not None)
-            total += loss
-            if grad is not None:
-                grad_hidden[rows] = grad
+            n = len(targets[rows])
+            total += _chunk(hidden[rows], targets[rows], weight, softcap,
+                            None if grad_hidden is None else grad_hidden[rows], zb[:n], None if z is None else z[:n])
         ctx.save_for_backward(grad_hidden)
         return total
 

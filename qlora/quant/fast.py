@@ -174,6 +174,11 @@ class CpuKernels:
         lib.qlora_llama_greedy.restype = i64
         lib.qlora_argmax_gemv_bf16.argtypes = [p, p, p, p, i64, i64, p]
         lib.qlora_argmax_gemv_bf16.restype = i64
+        lib.qlora_rms_norm_forward.argtypes = [p, p, i64, i64, f32, p, p, i32]
+        lib.qlora_rms_norm_backward.argtypes = [p, p, p, p, i64, i64, p, i32]
+        lib.qlora_swiglu_forward.argtypes = [p, p, p, i64, i32]
+        lib.qlora_swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
+        lib.qlora_cross_entropy_rows.argtypes = [p, i64, i64, p, p, i32, i32]
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
         self.gemv_simd = bool(lib.qlora_gemv_simd())  # AVX512-BF16 dot products (else scalar)
@@ -346,6 +351,43 @@ class CpuKernels:
         x = x.contiguous()
         return self._lib.qlora_argmax_gemv_bf16(w.data_ptr(), q.data_ptr(), scale.data_ptr(), err.data_ptr(), n, k,
                                                 x.data_ptr())
+
+    # RMSNorm and SwiGLU for training (csrc/train_cpu.cpp; qlora/nn/fused.py checks the inputs:
+    # contiguous bf16 CPU tensors of the shapes below)
+    def rms_norm_forward(self, x: torch.Tensor, w: torch.Tensor, eps: float):
+        """x (rows, d), w (d) -> (y (rows, d), rstd (rows,) fp32)."""
+        rows, d = x.shape
+        y, rstd = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
+        self._lib.qlora_rms_norm_forward(x.data_ptr(), w.data_ptr(), rows, d, eps, y.data_ptr(), rstd.data_ptr(),
+                                         torch.get_num_threads())
+        return y, rstd
+
+    def rms_norm_backward(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
+        rows, d = x.shape
+        dx = torch.empty_like(x)
+        self._lib.qlora_rms_norm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), rows, d,
+                                          dx.data_ptr(), torch.get_num_threads())
+        return dx
+
+    def swiglu_forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        h = torch.empty_like(g)
+        self._lib.qlora_swiglu_forward(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), torch.get_num_threads())
+        return h
+
+    def swiglu_backward(self, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        self._lib.qlora_swiglu_backward(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(),
+                                        g.numel(), torch.get_num_threads())
+        return dg, du
+
+    def cross_entropy_rows(self, z: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+        """Loss per row (fp32) of contiguous bf16 logits z (rows, v) at int64 targets; with grad, z is
+        overwritten by softmax(z) - onehot(targets) in bf16."""
+        rows, v = z.shape
+        loss = torch.empty(rows, dtype=torch.float32)
+        self._lib.qlora_cross_entropy_rows(z.data_ptr(), rows, v, targets.data_ptr(), loss.data_ptr(), int(grad),
+                                           torch.get_num_threads())
+        return loss
 
     def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
         """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py)."""

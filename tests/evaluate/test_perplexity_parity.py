@@ -53,6 +53,8 @@ def test_wikitext2_perplexity_matches_the_reference(name):
 def test_nf4_dq_logits_are_bitsandbytes_logits(tmp_path):
     import torch
 
+    from qlora.nn import fused
+
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -66,6 +68,7 @@ def test_nf4_dq_logits_are_bitsandbytes_logits(tmp_path):
     for module in ref.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False  # dequantize + matmul, not the fused CPU kernel
+    fused.fuse(ref)  # the same RMSNorm / SwiGLU as hf.load gives ours: the 4-bit layers are compared
     ours, _ = _load("nf4+dq")
     ids = _wikitext_ids(tokenizer, 256)[None]
     with torch.inference_mode():

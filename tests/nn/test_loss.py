@@ -9,7 +9,10 @@ from qlora.nn.loss import linear_cross_entropy
 
 @pytest.mark.parametrize("cap", [None, 30.0])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_matches_full_logits(cap, dtype, tol):
+@pytest.mark.parametrize("reference", [False, True])  # bf16 without cap: the compiled per-row pass
+def test_matches_full_logits(cap, dtype, tol, reference, monkeypatch):
+    if reference:
+        monkeypatch.setenv("QLORA_REFERENCE_KERNELS", "1")
     torch.manual_seed(0)
     hidden = torch.randn(300, 32, dtype=dtype, requires_grad=True)
     weight = (torch.randn(500, 32) * 0.5).to(dtype)

@@ -4,6 +4,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(QLORA_PORTABLE)
+#define QLORA_AVX512 1
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -27,5 +33,42 @@ inline float block_scale(const float* absmax, const uint8_t* qabsmax, const floa
   const float s = code8[qabsmax[b]] * nested_absmax[b / nested_bs];  // Double Quantization, then
   return s + offset;                                                  // + offset as a second rounding
 }
+
+#ifdef QLORA_AVX512
+// 16 lanes of float_to_bf16, in integers (the hardware conversion would flush subnormals).
+inline __m256i to_bf16_16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// 16 bf16 values from p, widened to fp32 (exact).
+inline __m512 load_bf16_16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Round 16 lanes to bf16 and back: the value a bf16 tensor op would store.
+inline __m512 round_bf16_16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_16(v)), 16));
+}
+
+// exp on 16 lanes: 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p the
+// degree-6 Taylor polynomial (|r| <= ln2 / 2: ~1 ulp); scalef handles over- and underflow.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 }  // namespace

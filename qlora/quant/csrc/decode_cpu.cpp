@@ -310,26 +310,6 @@ int64_t argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale,
   return best;
 }
 
-namespace {
-
-#ifdef QLORA_GEMV_BF16
-// exp on 16 lanes: 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p the
-// degree-6 Taylor polynomial (|r| <= ln2 / 2: ~1 ulp); scalef handles over- and underflow.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
-}  // namespace
-
 void exp_inplace(float* x, int64_t n) {
   int64_t i = 0;
 #ifdef QLORA_GEMV_BF16

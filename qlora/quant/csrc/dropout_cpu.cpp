@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(QLORA_PORTABLE)
 #define QLORA_DROPOUT_AVX512 1
 #include <immintrin.h>
@@ -56,15 +58,6 @@ inline __m512i mix16(__m512i i, __m512i seed) {
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
   h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(0xC2B2AE35u)));
   return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-}
-
-inline __m256i to_bf16_16(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
 }
 
 // Elements [lo, hi) with hi - lo a multiple of 16; returns where it stopped.

@@ -1,0 +1,137 @@
+"""Fused RMSNorm and SwiGLU (nn/fused.py, quant/csrc/train_cpu.cpp) against transformers' modules.
+
+Stated tolerance: the compiled kernels sum squares in their own order and use their own exp, so an
+output may sit one bf16 rounding away from transformers' — at most 0.1% of elements, each within
+one bf16 ulp of the value (2^-7 relative). The torch reference forward is transformers' exact ops.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from qlora.nn import fused
+from qlora.quant import fast
+
+BF16_ULP = 2.0**-7  # relative spacing of bf16 values (8 significant bits)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, max_fraction: float = 1e-3) -> None:
+    a, b = a.float(), b.float()
+    differ = a != b
+    assert differ.float().mean().item() <= max_fraction, f"{int(differ.sum())} of {a.numel()} elements differ"
+    assert ((a - b).abs() <= BF16_ULP * torch.maximum(a.abs(), b.abs()) + 1e-30)[differ].all()
+
+
+def _norm_case(d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hf = LlamaRMSNorm(d, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    hf.weight.requires_grad_(False)
+    x = (torch.randn(3, 67, d, generator=g) * 3).to(torch.bfloat16)
+    dy = torch.randn(3, 67, d, generator=g).to(torch.bfloat16)
+    return hf, x, dy
+
+
+def _norm_run(module, x, dy):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y, dx
+
+
+@pytest.mark.parametrize("d", [576, 100])  # 100: a scalar tail after the 16-lane body
+@pytest.mark.parametrize("reference", [False, True])
+def test_rms_norm_matches_transformers(d, reference, monkeypatch):
+    if not reference and fast.kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable (no C++ compiler)")
+    if reference:
+        monkeypatch.setenv("QLORA_REFERENCE_KERNELS", "1")
+    hf, x, dy = _norm_case(d)
+    y_ref, dx_ref = _norm_run(hf, x, dy)
+    y, dx = _norm_run(fused.RMSNorm(hf.weight, hf.variance_epsilon), x, dy)
+    if reference:
+        assert torch.equal(y, y_ref)  # the same ops
+    else:
+        _close(y, y_ref)
+    _close(dx, dx_ref, max_fraction=5e-3)  # fp32 sums in another order before the last rounding
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_rms_norm_kernel_builds_agree(portable):
+    try:
+        k = fast.kernels(portable=portable)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    if k is None:
+        pytest.skip("compiled CPU kernels unavailable (no C++ compiler)")
+    hf, x, dy = _norm_case(200, seed=1)
+    y_ref, dx_ref = _norm_run(hf, x, dy)
+    y, rstd = k.rms_norm_forward(x.reshape(-1, 200), hf.weight, hf.variance_epsilon)
+    _close(y.view_as(y_ref), y_ref)
+    dx = k.rms_norm_backward(dy.reshape(-1, 200), x.reshape(-1, 200), hf.weight, rstd)
+    _close(dx.view_as(dx_ref), dx_ref, max_fraction=5e-3)
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5).reshape(-1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("n", [1536 * 20, 1000])
+def test_swiglu_matches_silu_times_up(reference, n, monkeypatch):
+    if reference:
+        monkeypatch.setenv("QLORA_REFERENCE_KERNELS", "1")
+    g = torch.Generator().manual_seed(2)
+    gate = (torch.randn(n, generator=g) * 4).to(torch.bfloat16)
+    gate[:3] = torch.tensor([0.0, -90.0, 90.0])  # exp over- and underflow
+    up, dh = torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
+    outs = []
+    for fn in (lambda a, b: F.silu(a) * b, fused.swiglu):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        h = fn(a, b)
+        outs.append((h, *torch.autograd.grad(h, (a, b), dh)))
+    for mine, theirs in zip(outs[1], outs[0]):
+        if reference:
+            assert torch.equal(mine, theirs)
+        else:
+            _close(mine, theirs)
+
+
+def test_swiglu_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="gate"):
+        fused.swiglu(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.bfloat16))
+
+
+def test_trainable_norm_weight_gets_a_gradient():
+    hf, x, dy = _norm_case(64)
+    w = torch.nn.Parameter(hf.weight.detach().clone())
+    y = fused.RMSNorm(w, 1e-5)(x)
+    y.backward(dy)
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert torch.equal(y, fused.rms_norm_reference(x, w, 1e-5))
+
+
+def test_fuse_swaps_llama_norms_and_mlps_keeping_parameters(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.bfloat16)
+    keys = {k: v.clone() for k, v in net.state_dict().items()}
+    ids = torch.randint(0, net.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(ids).logits.float()
+    layers = net.config.num_hidden_layers
+    assert fused.fuse(net) == 2 * layers + 1 + layers
+    assert type(net.model.norm) is fused.RMSNorm and type(net.model.layers[0].mlp) is fused.GatedMLP
+    after_sd = net.state_dict()
+    assert after_sd.keys() == keys.keys() and all(torch.equal(after_sd[k], v) for k, v in keys.items())
+    with torch.no_grad():
+        after = net(ids).logits.float()
+    torch.testing.assert_close(after, before, atol=0.05 * before.abs().max().item(), rtol=0)
+
+
+def test_fuse_leaves_gemma_alone(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    if "gemma3" not in tiny_dirs:
+        pytest.skip("no tiny gemma3 architecture in qlora.tiny")
+    net = AutoModelForCausalLM.from_pretrained(tiny_dirs["gemma3"], dtype=torch.bfloat16)
+    assert fused.fuse(net) == 0  # Gemma's norm scales by 1 + w and its MLP is GELU-gated
