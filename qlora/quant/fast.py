@@ -47,6 +47,12 @@ _lock = threading.Lock()
 _loaded: dict[bool, CpuKernels | None] = {}
 
 
+def default_decode_threads() -> int:
+    """$QLORA_DECODE_THREADS, else 2 where this process may use two CPUs, else 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(os.environ.get("QLORA_DECODE_THREADS") or min(2, cpus))
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
@@ -174,6 +180,7 @@ class CpuKernels:
         lib.qlora_llama_greedy.restype = i64
         lib.qlora_argmax_gemv_bf16.argtypes = [p, p, p, p, i64, i64, p]
         lib.qlora_argmax_gemv_bf16.restype = i64
+        lib.qlora_decode_threads.argtypes = [i32]
         lib.qlora_rms_norm_forward.argtypes = [p, p, i64, i64, f32, p, p, i32]
         lib.qlora_rms_norm_backward.argtypes = [p, p, p, p, i64, i64, p, i32]
         lib.qlora_swiglu_forward.argtypes = [p, p, p, i64, i32]
@@ -182,6 +189,12 @@ class CpuKernels:
         self._lib = lib
         self.simd = bool(lib.qlora_simd())
         self.gemv_simd = bool(lib.qlora_gemv_simd())  # AVX512-BF16 dot products (else scalar)
+        self.decode_threads(default_decode_threads())
+
+    def decode_threads(self, n: int) -> None:
+        """1: decode products on the calling thread only; 2: split by rows with one helper thread
+        (decode_cpu.cpp; results are identical). The library starts with default_decode_threads()."""
+        self._lib.qlora_decode_threads(n)
 
     def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """torch.empty for an output the kernel fills; 2 MiB pages when it spans several (a fresh

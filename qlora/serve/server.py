@@ -208,12 +208,14 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> Threadin
 def serve(app: App, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
     server = make_server(app, host, port)
+    stoppers = []
 
     def stop(signum, frame):
         if not app.stopping.is_set():
             app.log(f"{signal.Signals(signum).name}: finishing running requests, then stopping")
             app.stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
+            stoppers.append(threading.Thread(target=server.shutdown, daemon=True))  # shutdown() waits for
+            stoppers[-1].start()                                                     # serve_forever
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bound_host, bound_port = server.server_address[:2]
@@ -226,4 +228,10 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 8000) -> None:
         server.server_close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        # the stopper holds the server (and through it the model) until it ends: if it dropped the
+        # last reference while the interpreter finalizes, freeing a tensor there (it takes the GIL)
+        # ends that thread mid-C++ and the process in std::terminate ("terminate called without an
+        # active exception", exit -6, about one SIGTERM in eight)
+        for t in stoppers:
+            t.join()
     app.log("stopped")

@@ -124,3 +124,26 @@ def test_greedy_head_is_the_argmax_of_the_rounded_logits(k):
             x = (w[17].float() / w[17].float().norm() * 4).bfloat16()  # make row 17 (and its twins) win
         expected = int(k.gemv_bf16(w, x, round_bf16=True).argmax())
         assert k.argmax_gemv_bf16(w, screen, x) == expected
+
+
+def test_two_lanes_equal_one_bit_for_bit(k):
+    """Products of >= 64k weights are split by rows with a helper thread (decode_cpu.cpp): every
+    output is one thread's sum in the same order, so the results are identical."""
+    from qlora.quant import fast
+
+    _, spec = _linear(1000, 576, seed=3)  # split at row 496; the last LoRA block is partial
+    linears = DecodeLinears([spec])
+    w = torch.randn(3000, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
+    screen = int8_screen(w)
+    outs = []
+    try:
+        for lanes in (1, 2):
+            k.decode_threads(lanes)
+            for seed in range(3):
+                x = torch.randn(576, generator=torch.Generator().manual_seed(seed)).bfloat16()
+                outs.append((lanes, k.decode_linears(linears, x, torch.empty(1000)), k.gemv_bf16(w, x),
+                             k.argmax_gemv_bf16(w, screen, x)))
+    finally:
+        k.decode_threads(fast.default_decode_threads())
+    for (_, *one), (_, *two) in zip(outs[:3], outs[3:]):
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and one[2] == two[2]

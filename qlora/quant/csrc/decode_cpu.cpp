@@ -20,9 +20,15 @@
 // Single-threaded on purpose, like qlora_gemm_4bit: called from a server's handler threads, an
 // OpenMP region made `qlora serve` end in std::terminate at exit now and then.
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -47,7 +53,10 @@ struct Scales {
   const QloraDecodeLinear& L;
   int64_t b = 0, nested = 0, in_nested = 0;
   std::vector<float>& buf;
-  explicit Scales(const QloraDecodeLinear& layer) : L(layer), buf(t_scales) {}
+  Scales(const QloraDecodeLinear& layer, int64_t row) : L(layer), buf(t_scales) {  // from row `row` on
+    b = row * (L.k / L.bs);
+    if (L.qabsmax != nullptr) nested = b / L.nested_bs, in_nested = b % L.nested_bs;
+  }
   float* next_rows(int64_t rows) {  // the scales of the next `rows` rows: (rows, k / bs)
     const int64_t count = rows * (L.k / L.bs);
     buf.resize(std::max<size_t>(buf.size(), count));
@@ -193,15 +202,20 @@ float gemv8_row(const int8_t* q, int64_t k, const float* x) {
   return s;
 }
 
-void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
-  t_x.resize(L.k);
-  even_odd(x, L.k, t_x.data());
+// x in the order gemv4_range reads it (this thread's scratch).
+const uint16_t* gemv4_input(const uint16_t* x, int64_t k) {
+  t_x.resize(k);
+  even_odd(x, k, t_x.data());
+  return t_x.data();
+}
+
+// out[o] = W4[o] · x for o in [o0, o1), xeo from gemv4_input.
+void gemv4_range(const QloraDecodeLinear& L, const uint16_t* xeo, int64_t o0, int64_t o1, float* out) {
   const __m512i thi = code_table(L.code, false), tlo = code_table(L.code, true);
-  Scales scales(L);
-  const uint16_t* xeo = t_x.data();
-  int64_t o = 0;
-  for (; o + 4 <= L.n; o += 4) gemv4_rows<4>(L, xeo, thi, tlo, o, scales, out + o);
-  for (; o < L.n; ++o) gemv4_rows<1>(L, xeo, thi, tlo, o, scales, out + o);
+  Scales scales(L, o0);
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) gemv4_rows<4>(L, xeo, thi, tlo, o, scales, out + o);
+  for (; o < o1; ++o) gemv4_rows<1>(L, xeo, thi, tlo, o, scales, out + o);
 }
 
 #else  // portable: the same sums in scalar fp32
@@ -234,10 +248,12 @@ void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* o
   }
 }
 
-void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
+const uint16_t* gemv4_input(const uint16_t* x, int64_t) { return x; }
+
+void gemv4_range(const QloraDecodeLinear& L, const uint16_t* x, int64_t o0, int64_t o1, float* out) {
   const int64_t k = L.k, bs = L.bs;
-  Scales scales(L);
-  for (int64_t o = 0; o < L.n; ++o) {
+  Scales scales(L, o0);
+  for (int64_t o = o0; o < o1; ++o) {
     const float* s = scales.next_rows(1);
     float acc = 0.0f;
     for (int64_t j0 = 0; j0 < k; j0 += bs) {
@@ -256,22 +272,140 @@ void gemv4(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
 
 }  // namespace
 
+namespace {
+
+// ---- a second lane ----
+// Decoding one token streams ~150 MB of weights through 250 small matrix-vector products; one core
+// unpacks 4-bit codes at ~10 GB/s, below what memory gives two. So each product above kSplitMin
+// weights is split by rows between the calling thread and one helper thread: every output row is
+// still one thread's sum in the same order, so results are bit-identical to one lane.
+// Not OpenMP (a parallel region in a server's handler threads ended `qlora serve` in std::terminate
+// at exit now and then): the helper is a detached std::thread whose state is never destroyed, so
+// nothing of it runs at exit; it spins ~0.2 ms waiting for work (a token's products come ~20 us
+// apart), then sleeps on a condition variable. One caller at a time uses it (others run both halves
+// themselves); a forked child starts its own helper.
+struct Lane {
+  std::atomic<uint64_t> posted{0}, done{0};
+  std::atomic<bool> sleeping{false};
+  std::atomic_flag busy = ATOMIC_FLAG_INIT;
+  void (*fn)(void*, int) = nullptr;
+  void* ctx = nullptr;
+  std::mutex m;
+  std::condition_variable cv;
+  pid_t pid = 0;
+};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+std::atomic<int> g_lanes{2};  // qlora_decode_threads(): 1 keeps everything on the calling thread
+std::atomic<Lane*> g_lane{nullptr};
+std::mutex g_lane_init;
+constexpr int64_t kSplitMin = int64_t(1) << 16;  // weights; a hand-off costs ~1 us against ~10 us of work
+
+void helper_loop(Lane* lane) {
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t p;
+    for (int spin = 0; (p = lane->posted.load(std::memory_order_acquire)) == seen; ++spin) {
+      if (spin < 20000) {
+        cpu_relax();
+        continue;
+      }
+      std::unique_lock<std::mutex> lock(lane->m);
+      lane->sleeping.store(true);
+      lane->cv.wait(lock, [&] { return lane->posted.load() != seen; });
+      lane->sleeping.store(false);
+      spin = 0;
+    }
+    seen = p;
+    lane->fn(lane->ctx, 1);
+    lane->done.store(p, std::memory_order_release);
+  }
+}
+
+Lane* lane_for_this_process() {
+  Lane* lane = g_lane.load(std::memory_order_acquire);
+  const pid_t pid = getpid();
+  if (lane != nullptr && lane->pid == pid) return lane;
+  std::lock_guard<std::mutex> guard(g_lane_init);
+  lane = g_lane.load();
+  if (lane == nullptr || lane->pid != pid) {  // first use, or a forked child (the helper did not fork)
+    lane = new Lane();  // never freed: the detached helper may use it until the process ends
+    lane->pid = pid;
+    try {
+      std::thread(helper_loop, lane).detach();
+    } catch (...) {
+      return nullptr;
+    }
+    g_lane.store(lane, std::memory_order_release);
+  }
+  return lane;
+}
+
+// f(0) here and f(1) on the helper when it is free and wanted, else both here; returns when both ran.
+template <class F>
+void two_lanes(F&& f) {
+  Lane* lane = g_lanes.load(std::memory_order_relaxed) > 1 ? lane_for_this_process() : nullptr;
+  if (lane == nullptr || lane->busy.test_and_set(std::memory_order_acquire)) {
+    f(0), f(1);
+    return;
+  }
+  lane->fn = [](void* c, int i) { (*static_cast<F*>(c))(i); };
+  lane->ctx = &f;
+  const uint64_t p = lane->posted.load(std::memory_order_relaxed) + 1;
+  lane->posted.store(p);  // seq_cst: ordered before the load of `sleeping` below
+  if (lane->sleeping.load()) {
+    std::lock_guard<std::mutex> lock(lane->m);
+    lane->cv.notify_one();
+  }
+  f(0);
+  while (lane->done.load(std::memory_order_acquire) != p) cpu_relax();
+  lane->busy.clear(std::memory_order_release);
+}
+
+// rows(o0, o1) over [0, n): split at a multiple of 16 rows when the product has >= kSplitMin weights.
+template <class F>
+void split_rows(int64_t n, int64_t k, F&& rows) {
+  const int64_t half = (n / 2) / 16 * 16;
+  if (n * k < kSplitMin || half == 0) {
+    rows(int64_t(0), n);
+    return;
+  }
+  two_lanes([&](int lane) { lane == 0 ? rows(int64_t(0), half) : rows(half, n); });
+}
+
+}  // namespace
+
 namespace qlora {
 
 // out = W4·x + bias + s·B(A·x), with A·x kept in fp32 (A and B are bf16).
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
-  ::gemv4(L, x, out);
-  if (L.bias)
-    for (int64_t o = 0; o < L.n; ++o) out[o] += L.bias[o];
-  if (!L.lora_a) return;
-  t_xa.resize(L.r), t_delta.resize(L.n);
-  ::gemv16(L.lora_a, L.r, L.k, x, t_xa.data());
-  ::lora_b(L.lora_b, L.r, L.n, t_xa.data(), t_delta.data());
-  for (int64_t o = 0; o < L.n; ++o) out[o] += L.scaling * t_delta[o];
+  const uint16_t* xin = ::gemv4_input(x, L.k);
+  const float* xa = nullptr;
+  if (L.lora_a) {
+    t_xa.resize(L.r);
+    ::gemv16(L.lora_a, L.r, L.k, x, t_xa.data());
+    xa = t_xa.data();
+  }
+  split_rows(L.n, L.k, [&](int64_t o0, int64_t o1) {
+    ::gemv4_range(L, xin, o0, o1, out);
+    if (L.bias)
+      for (int64_t o = o0; o < o1; ++o) out[o] += L.bias[o];
+    if (xa == nullptr) return;
+    t_delta.resize(o1 - o0);  // the running thread's own scratch (as Scales' in gemv4_range)
+    ::lora_b(L.lora_b + o0 * L.r, L.r, o1 - o0, xa, t_delta.data());  // o0 % 16 == 0: whole blocks
+    for (int64_t o = o0; o < o1; ++o) out[o] += L.scaling * t_delta[o - o0];
+  });
 }
 
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
-  ::gemv16(w, n, k, x, out);
+  split_rows(n, k, [&](int64_t o0, int64_t o1) { ::gemv16(w + o0 * k, o1 - o0, k, x, out + o0); });
 }
 
 // The index of the largest bf16(W[o] · x) (the lowest on a tie), as an argmax over gemv_bf16's
@@ -292,13 +426,20 @@ int64_t argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale,
   norm2 = std::sqrt(norm2) * 1.0001f;
   // |W[o,j]| <= 127.5 s[o]; both fp32 sums (screen and exact row) err by <= 2k 2^-24 of sum |w x|
   const float slack = 127.5f * norm1 * float(2 * k) * 0x1.0p-24f * 2.0f;
-  float best_lower = -INFINITY;
-  for (int64_t o = 0; o < n; ++o) {
-    const float a = scale[o] * ::gemv8_row(q + o * k, k, x32.data());
-    const float b = err[o] * norm2 + scale[o] * slack;
-    upper[o] = a + b;
-    best_lower = std::max(best_lower, a - b);
-  }
+  float lower[2] = {-INFINITY, -INFINITY};  // per lane; max is exact, so the split changes nothing
+  const float* xs = x32.data();  // this thread's buffers, by pointer: in the lambda on the helper
+  float* up = upper.data();      // thread, a thread_local name would mean the helper's own
+  split_rows(n, k, [&](int64_t o0, int64_t o1) {
+    float best = -INFINITY;
+    for (int64_t o = o0; o < o1; ++o) {
+      const float a = scale[o] * ::gemv8_row(q + o * k, k, xs);
+      const float b = err[o] * norm2 + scale[o] * slack;
+      up[o] = a + b;
+      best = std::max(best, a - b);
+    }
+    lower[o0 == 0 ? 0 : 1] = best;
+  });
+  const float best_lower = std::max(lower[0], lower[1]);
   const float threshold = best_lower - (std::abs(best_lower) * 0x1.0p-6f + 0x1.0p-20f);
   int64_t best = -1;
   float best_value = -INFINITY;
@@ -387,6 +528,9 @@ int64_t qlora_argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* 
                                int64_t k, const uint16_t* x) {
   return qlora::argmax_gemv_bf16(w, q, scale, err, n, k, x);
 }
+
+// Lanes for the decode products: 1 (the calling thread only) or 2 (with a helper thread).
+void qlora_decode_threads(int n) { g_lanes.store(n > 1 ? 2 : 1); }
 
 // 1 when the bf16 dot-product kernels are built (AVX512-BF16), 0 for the portable scalar ones.
 int qlora_gemv_simd(void) {
