@@ -234,8 +234,8 @@ def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
     that saves its input x, re-deriving the dropout mask from a seed: linears reading the same
     tensor save it once (the attention output is SDPA's saved output), whatever the dropout. Over a
     16-bit base, A saves each dropped input when dropout is on (the mask itself is never stored).
-    Either way each linear saves A's r outputs, and A and B cast to the compute dtype once per
-    forward (the casts are saved)."""
+    Either way each linear saves A's r outputs; over a 16-bit base also A and B cast to the compute
+    dtype (the 4-bit function keeps the parameters and casts them again in backward)."""
     specs, c, r = _lora_specs(arch, s), s.c, s.lora_r
     if s.lora_dropout > 0 and s.quant_type == "bf16":
         per_token = sum(c * x.in_features for x in specs)
@@ -245,7 +245,8 @@ def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
             inputs.pop("attn_out", None)
         per_token = c * sum(inputs.values())
     per_token += c * r * len(specs)
-    casts = 0 if s.lora_dtype == s.compute_dtype else c * r * sum(x.in_features + x.out_features for x in specs)
+    cast = s.lora_dtype != s.compute_dtype and s.quant_type == "bf16"  # the 4-bit function casts again in backward
+    casts = c * r * sum(x.in_features + x.out_features for x in specs) if cast else 0
     return per_token, casts
 
 

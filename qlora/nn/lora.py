@@ -109,14 +109,15 @@ class _LoRA4bit(torch.autograd.Function):
         w = layer.transient_weight(x.dtype)  # (out, in)
         y = torch.mm(x2, w.t()) if layer.bias is None else torch.addmm(layer.bias, x2, w.t())
         y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, xa, a, b)
+        ctx.save_for_backward(x, xa, lora_a, lora_b)  # the parameters, cast again in backward: no saved copies
         ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, a, b = ctx.saved_tensors
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         s, p = ctx.scaling, ctx.p
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
         x2 = x.reshape(-1, x.shape[-1])
