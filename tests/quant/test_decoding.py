@@ -135,15 +135,20 @@ def test_two_lanes_equal_one_bit_for_bit(k):
     linears = DecodeLinears([spec])
     w = torch.randn(3000, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
     screen = int8_screen(w)
+    g = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(8, 64, generator=g), torch.randn(2, 208, 64, generator=g).bfloat16()
+    values = torch.randn(2, 208, 64, generator=g).bfloat16()  # 8 heads x 200 positions x 64: split by heads
     outs = []
     try:
         for lanes in (1, 2):
             k.decode_threads(lanes)
             for seed in range(3):
                 x = torch.randn(576, generator=torch.Generator().manual_seed(seed)).bfloat16()
-                outs.append((lanes, k.decode_linears(linears, x, torch.empty(1000)), k.gemv_bf16(w, x),
-                             k.argmax_gemv_bf16(w, screen, x)))
+                outs.append((k.decode_linears(linears, x, torch.empty(1000)), k.gemv_bf16(w, x),
+                             k.argmax_gemv_bf16(w, screen, x),
+                             k.decode_attention(q, block_keys(keys), values, 200, 0.125, torch.empty(8, 64))))
     finally:
         k.decode_threads(fast.default_decode_threads())
-    for (_, *one), (_, *two) in zip(outs[:3], outs[3:]):
+    for one, two in zip(outs[:3], outs[3:]):
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and one[2] == two[2]
+        assert torch.equal(one[3], two[3])

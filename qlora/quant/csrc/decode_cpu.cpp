@@ -348,15 +348,16 @@ Lane* lane_for_this_process() {
   return lane;
 }
 
-// f(0) here and f(1) on the helper when it is free and wanted, else both here; returns when both ran.
+// f(0, true) here and f(1, true) on the helper when it is free and wanted, else f(0, false) then
+// f(1, false) here (`together`: whether the two may wait for each other); returns when both ran.
 template <class F>
 void two_lanes(F&& f) {
   Lane* lane = g_lanes.load(std::memory_order_relaxed) > 1 ? lane_for_this_process() : nullptr;
   if (lane == nullptr || lane->busy.test_and_set(std::memory_order_acquire)) {
-    f(0), f(1);
+    f(0, false), f(1, false);
     return;
   }
-  lane->fn = [](void* c, int i) { (*static_cast<F*>(c))(i); };
+  lane->fn = [](void* c, int i) { (*static_cast<F*>(c))(i, true); };
   lane->ctx = &f;
   const uint64_t p = lane->posted.load(std::memory_order_relaxed) + 1;
   lane->posted.store(p);  // seq_cst: ordered before the load of `sleeping` below
@@ -364,7 +365,7 @@ void two_lanes(F&& f) {
     std::lock_guard<std::mutex> lock(lane->m);
     lane->cv.notify_one();
   }
-  f(0);
+  f(0, true);
   while (lane->done.load(std::memory_order_acquire) != p) cpu_relax();
   lane->busy.clear(std::memory_order_release);
 }
@@ -377,30 +378,48 @@ void split_rows(int64_t n, int64_t k, F&& rows) {
     rows(int64_t(0), n);
     return;
   }
-  two_lanes([&](int lane) { lane == 0 ? rows(int64_t(0), half) : rows(half, n); });
+  two_lanes([&](int lane, bool) { lane == 0 ? rows(int64_t(0), half) : rows(half, n); });
+}
+
+// W4 rows [o0, o1) of out = W4·x + bias + s·B(A·x), given xa = A·x.
+void linear_rows(const QloraDecodeLinear& L, const uint16_t* xin, const float* xa, int64_t o0, int64_t o1, float* out) {
+  ::gemv4_range(L, xin, o0, o1, out);
+  if (L.bias)
+    for (int64_t o = o0; o < o1; ++o) out[o] += L.bias[o];
+  if (xa == nullptr) return;
+  t_delta.resize(o1 - o0);  // the running thread's own scratch (as Scales' in gemv4_range)
+  ::lora_b(L.lora_b + o0 * L.r, L.r, o1 - o0, xa, t_delta.data());  // o0 % 16 == 0: whole blocks
+  for (int64_t o = o0; o < o1; ++o) out[o] += L.scaling * t_delta[o - o0];
 }
 
 }  // namespace
 
 namespace qlora {
 
-// out = W4·x + bias + s·B(A·x), with A·x kept in fp32 (A and B are bf16).
+// out = W4·x + bias + s·B(A·x), with A·x kept in fp32 (A and B are bf16). Split over two lanes,
+// A·x is too: each lane computes half of its r entries, they meet, then each does half the rows.
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
   const uint16_t* xin = ::gemv4_input(x, L.k);
-  const float* xa = nullptr;
-  if (L.lora_a) {
-    t_xa.resize(L.r);
-    ::gemv16(L.lora_a, L.r, L.k, x, t_xa.data());
-    xa = t_xa.data();
+  const int64_t half = (L.n / 2) / 16 * 16;
+  float* xa = nullptr;
+  if (L.lora_a) t_xa.resize(L.r), xa = t_xa.data();
+  if (L.n * L.k < kSplitMin || half == 0) {
+    if (xa) ::gemv16(L.lora_a, L.r, L.k, x, xa);
+    linear_rows(L, xin, xa, 0, L.n, out);
+    return;
   }
-  split_rows(L.n, L.k, [&](int64_t o0, int64_t o1) {
-    ::gemv4_range(L, xin, o0, o1, out);
-    if (L.bias)
-      for (int64_t o = o0; o < o1; ++o) out[o] += L.bias[o];
-    if (xa == nullptr) return;
-    t_delta.resize(o1 - o0);  // the running thread's own scratch (as Scales' in gemv4_range)
-    ::lora_b(L.lora_b + o0 * L.r, L.r, o1 - o0, xa, t_delta.data());  // o0 % 16 == 0: whole blocks
-    for (int64_t o = o0; o < o1; ++o) out[o] += L.scaling * t_delta[o - o0];
+  const int64_t r_half = L.r / 2;
+  std::atomic<int> arrived{0};
+  two_lanes([&](int lane, bool together) {
+    if (xa && together) {
+      const int64_t c0 = lane == 0 ? 0 : r_half, c1 = lane == 0 ? r_half : L.r;
+      ::gemv16(L.lora_a + c0 * L.k, c1 - c0, L.k, x, xa + c0);
+      arrived.fetch_add(1);
+      while (arrived.load() < 2) cpu_relax();
+    } else if (xa && lane == 0) {
+      ::gemv16(L.lora_a, L.r, L.k, x, xa);
+    }
+    lane == 0 ? linear_rows(L, xin, xa, 0, half, out) : linear_rows(L, xin, xa, half, L.n, out);
   });
 }
 
@@ -465,12 +484,13 @@ void exp_inplace(float* x, int64_t n) {
 // stream per token). Keys are stored in blocks of 16 positions, each transposed ((KV, capacity / 16,
 // D, 16)), so 16 scores build up in the lanes of one register, with no horizontal sums; values are
 // (KV, capacity, D).
-void attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
-               int64_t H, int64_t KV, int64_t D, float scale, float* out) {
-  thread_local std::vector<float> p;
+// Heads [h0, h1) of attention() below.
+void attention_heads(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
+                     int64_t H, int64_t KV, int64_t D, float scale, float* out, int64_t h0, int64_t h1) {
+  thread_local std::vector<float> p;  // the running thread's own scores
   const int64_t blocks = (T + 15) / 16;
   p.resize(blocks * 16);
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = h0; h < h1; ++h) {
     const float* qh = q + h * D;
     const uint16_t* K = keys + (h / (H / KV)) * capacity * D;
     const uint16_t* V = values + (h / (H / KV)) * capacity * D;
@@ -519,6 +539,17 @@ void attention(const float* q, const uint16_t* keys, const uint16_t* values, int
   }
 }
 
+
+void attention(const float* q, const uint16_t* keys, const uint16_t* values, int64_t capacity, int64_t T,
+               int64_t H, int64_t KV, int64_t D, float scale, float* out) {
+  if (T * H * D < kSplitMin || H < 2) {  // short contexts: one lane
+    attention_heads(q, keys, values, capacity, T, H, KV, D, scale, out, 0, H);
+    return;
+  }
+  two_lanes([&](int lane, bool) {  // each head is one lane's, so the split changes nothing
+    attention_heads(q, keys, values, capacity, T, H, KV, D, scale, out, lane == 0 ? 0 : H / 2, lane == 0 ? H / 2 : H);
+  });
+}
 }  // namespace qlora
 
 extern "C" {
