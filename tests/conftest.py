@@ -33,3 +33,16 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dirs):
     return tiny_dirs["llama"]
+
+
+@pytest.fixture(scope="module", params=["simd", "portable"])
+def k(request):
+    """Both builds of the compiled CPU kernels (AVX-512 and portable scalar)."""
+    from qlora.quant import fast
+
+    built = fast.kernels(portable=request.param == "portable")
+    if built is None:
+        pytest.skip("the CPU kernels could not be built here (no C++ compiler?)")
+    if request.param == "simd" and not built.simd:
+        pytest.skip("no AVX-512 on this CPU/compiler: only the portable kernels exist")
+    return built
