@@ -6,7 +6,7 @@ those took ~9% of a training step and 225 MB of the 718 MB autograd saved. Here 
 function: forward keeps only its bf16 inputs (and one fp32 rstd per row), backward recomputes the
 rest. On CPU with bf16 both directions are one compiled pass (quant/csrc/train_cpu.cpp); elsewhere
 the same maths runs as torch ops. Forward is transformers' computation, rounding for rounding;
-results can differ from it by one bf16 rounding (sum order, exp), tested in tests/test_fused.py.
+results can differ from it by one bf16 rounding (sum order, exp), tested in tests/nn/test_fused.py.
 
 The norm weight is taken as frozen (QLoRA trains only the adapters): when it requires grad the
 plain ops run instead, so autograd gives it a gradient.

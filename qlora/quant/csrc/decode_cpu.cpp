@@ -17,8 +17,8 @@
 // results equal x · dequantize(W, fp32)ᵀ up to fp32 summation order. LoRA's A and B are bf16
 // copies (as training casts them); A·x stays fp32 into B.
 //
-// Single-threaded on purpose, like qlora_gemm_4bit: called from a server's handler threads, an
-// OpenMP region made `qlora serve` end in std::terminate at exit now and then.
+// No OpenMP: products big enough are split between the calling thread and one helper thread of
+// our own ("a second lane", below), which server handler threads can share safely.
 
 #include <unistd.h>
 
@@ -279,11 +279,10 @@ namespace {
 // unpacks 4-bit codes at ~10 GB/s, below what memory gives two. So each product above kSplitMin
 // weights is split by rows between the calling thread and one helper thread: every output row is
 // still one thread's sum in the same order, so results are bit-identical to one lane.
-// Not OpenMP (a parallel region in a server's handler threads ended `qlora serve` in std::terminate
-// at exit now and then): the helper is a detached std::thread whose state is never destroyed, so
-// nothing of it runs at exit; it spins ~0.2 ms waiting for work (a token's products come ~20 us
-// apart), then sleeps on a condition variable. One caller at a time uses it (others run both halves
-// themselves); a forked child starts its own helper.
+// The helper is a detached std::thread whose state is never destroyed, so nothing of it runs at
+// exit; it spins ~0.2 ms waiting for work (a token's products come ~20 us apart), then sleeps on a
+// condition variable. One caller at a time uses it (others, e.g. a server's other handler threads,
+// run both halves themselves); a forked child starts its own helper.
 struct Lane {
   std::atomic<uint64_t> posted{0}, done{0};
   std::atomic<bool> sleeping{false};
