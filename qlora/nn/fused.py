@@ -67,26 +67,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u for contiguous g, u (no autograd)."""
+    k = _kernels(g, u)
+    return k.swiglu_forward(g, u) if k is not None else F.silu(g) * u
+
+
+def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dg, dL/du) of silu(g) * u, as autograd through silu and mul forms them:
+    du = dh s, ds = dh u, dg = ds sig (1 + g (1 - sig))."""
+    dh = dh.contiguous()
+    k = _kernels(dh, g, u)
+    if k is not None:
+        return k.swiglu_backward(dh, g, u)
+    sig = torch.sigmoid(g.float())
+    ds = (dh * u).float()
+    return (ds * sig * (1 + g.float() * (1 - sig))).to(g.dtype), dh * F.silu(g)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
         g, u = gate.contiguous(), up.contiguous()
-        k = _kernels(g, u)
-        h = k.swiglu_forward(g, u) if k is not None else F.silu(g) * u
         ctx.save_for_backward(g, u)
-        return h
+        return swiglu_forward(g, u)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        g, u = ctx.saved_tensors
-        dh = dh.contiguous()
-        k = _kernels(dh, g, u)
-        if k is not None:
-            return k.swiglu_backward(dh, g, u)
-        # as autograd through silu and mul: du = dh s, ds = dh u, dg = ds sig (1 + g (1 - sig))
-        sig = torch.sigmoid(g.float())
-        ds = (dh * u).float()
-        return (ds * sig * (1 + g.float() * (1 - sig))).to(g.dtype), dh * F.silu(g)
+        return swiglu_backward(dh, *ctx.saved_tensors)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -119,7 +127,9 @@ class GatedMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        gated = getattr(self.down_proj, "forward_gated", None)  # LoRALinear: keeps gate and up only
+        return gated(gate, up) if gated is not None else self.down_proj(swiglu(gate, up))
 
 
 # transformers classes whose forward is exactly LlamaRMSNorm's / LlamaMLP's (Gemma's norm scales by

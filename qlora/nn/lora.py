@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dropout as seeded
+from . import fused
 from .linear4bit import Linear4bit
 
 
@@ -66,6 +67,17 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight.to(x.dtype)  # gradients flow back in the parameters' dtype
         return y + F.linear(F.linear(seeded.dropout(x, p), a), b) * self.scaling
 
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up): over a 4-bit base in training, one function that does not keep the
+        product (_GatedLoRA4bit); the same results either way."""
+        base = self.base
+        if isinstance(base, Linear4bit) and gate.dtype == up.dtype == base.compute_dtype \
+                and gate.shape == up.shape and torch.is_grad_enabled():
+            p = self.dropout if self.training else 0.0
+            return _GatedLoRA4bit.apply(gate, up, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
+                                        seeded.draw_seed() if p > 0 else 0)
+        return self(fused.swiglu(gate, up))
+
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, shape (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -92,6 +104,27 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}"
 
 
+def _lora4bit_forward(x2, a, b, layer: Linear4bit, scaling: float, p: float, seed: int):
+    """(y, xa) for x2 (T, in): y = x2·Wᵀ + bias + s·(drop(x2)·Aᵀ)·Bᵀ, xa = drop(x2)·Aᵀ."""
+    xa = (seeded.apply(x2, p, seed) if p > 0 else x2) @ a.t()  # (T, r)
+    w = layer.transient_weight(x2.dtype)  # (out, in)
+    y = torch.mm(x2, w.t()) if layer.bias is None else torch.addmm(layer.bias, x2, w.t())
+    return y.addmm_(xa, b.t(), alpha=scaling), xa
+
+
+def _lora4bit_backward(g, x2, xa, a, b, layer: Linear4bit, s: float, p: float, seed: int, need):
+    """(dL/dx2, dL/dA, dL/dB) from g = dL/dy (T, out); `need`: which of the three to form."""
+    gxa = torch.mm(g, b) * s  # (T, r): dL/d(xa)
+    grad_b = torch.mm(g.t(), xa).mul_(s) if need[2] else None  # (out, r)
+    grad_a = torch.mm(gxa.t(), seeded.apply(x2, p, seed) if p > 0 else x2) if need[1] else None
+    grad_x = None
+    if need[0]:
+        lora_gx = torch.mm(gxa, a)  # (T, in), through the dropout mask
+        lora_gx = seeded.apply(lora_gx, p, seed) if p > 0 else lora_gx
+        grad_x = torch.addmm(lora_gx, g, layer.transient_weight(g.dtype))
+    return grad_x, grad_a, grad_b
+
+
 class _LoRA4bit(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for a Linear4bit base, in one function (the training path).
 
@@ -103,35 +136,51 @@ class _LoRA4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        xa = (seeded.apply(x2, p, seed) if p > 0 else x2) @ a.t()  # (T, r)
-        w = layer.transient_weight(x.dtype)  # (out, in)
-        y = torch.mm(x2, w.t()) if layer.bias is None else torch.addmm(layer.bias, x2, w.t())
-        y.addmm_(xa, b.t(), alpha=scaling)
+        y, xa = _lora4bit_forward(x2, lora_a.to(x.dtype), lora_b.to(x.dtype), layer, scaling, p, seed)
         ctx.save_for_backward(x, xa, lora_a, lora_b)  # the parameters, cast again in backward: no saved copies
         ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, lora_a, lora_b = ctx.saved_tensors
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        s, p = ctx.scaling, ctx.p
-        g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
-        x2 = x.reshape(-1, x.shape[-1])
-        gxa = torch.mm(g, b) * s  # (T, r): dL/d(xa)
-        grad_b = torch.mm(g.t(), xa).mul_(s) if ctx.needs_input_grad[2] else None  # (out, r)
-        grad_a = torch.mm(gxa.t(), seeded.apply(x2, p, ctx.seed) if p > 0 else x2) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            lora_gx = torch.mm(gxa, a)  # (T, in), through the dropout mask
-            lora_gx = seeded.apply(lora_gx, p, ctx.seed) if p > 0 else lora_gx
-            grad_x = torch.addmm(lora_gx, g, ctx.layer.transient_weight(g.dtype)).view(x.shape)
-        da, db = ctx.param_dtypes
-        return (grad_x, None if grad_a is None else grad_a.to(da), None if grad_b is None else grad_b.to(db),
-                None, None, None, None)
+        grad_x, grad_a, grad_b = _lora4bit_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, lora_a.to(x.dtype),
+            lora_b.to(x.dtype), ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad[:3])
+        return (None if grad_x is None else grad_x.view(x.shape), None if grad_a is None else grad_a.to(lora_a.dtype),
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
+
+
+class _GatedLoRA4bit(torch.autograd.Function):
+    """_LoRA4bit applied to silu(gate)·up (LlamaMLP's down_proj), in one function: it keeps gate and
+    up (which SwiGLU needs anyway) instead of their product, and forms the product again in
+    backward (one pass): 3 MB less per SmolLM2 layer at 4 x 256 tokens. Same results as
+    down_proj(swiglu(gate, up))."""
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
+        h = fused.swiglu_forward(gate.contiguous(), up.contiguous())
+        h2 = h.view(-1, h.shape[-1])
+        y, xa = _lora4bit_forward(h2, lora_a.to(h.dtype), lora_b.to(h.dtype), layer, scaling, p, seed)
+        ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
+        ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
+        return y.view(*h.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, xa, lora_a, lora_b = ctx.saved_tensors
+        g, u = gate.contiguous(), up.contiguous()
+        h = fused.swiglu_forward(g, u)
+        need = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
+        grad_h, grad_a, grad_b = _lora4bit_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), h.view(-1, h.shape[-1]), xa, lora_a.to(h.dtype),
+            lora_b.to(h.dtype), ctx.layer, ctx.scaling, ctx.p, ctx.seed, need)
+        grad_gate = grad_up = None
+        if grad_h is not None:
+            grad_gate, grad_up = fused.swiglu_backward(grad_h.view(h.shape), g, u)
+        return (grad_gate, grad_up, None if grad_a is None else grad_a.to(lora_a.dtype),
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
 
 
 def _root_dtype(layer: "LoRALinear") -> torch.dtype:

@@ -147,3 +147,29 @@ def test_fuse_leaves_gemma_alone(tiny_dirs):
         pytest.skip("no tiny gemma3 architecture in qlora.tiny")
     net = AutoModelForCausalLM.from_pretrained(tiny_dirs["gemma3"], dtype=torch.bfloat16)
     assert fused.fuse(net) == 0  # Gemma's norm scales by 1 + w and its MLP is GELU-gated
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gated_lora_down_projection_equals_the_composition(dropout):
+    """LoRALinear.forward_gated over a 4-bit base (one function that keeps gate and up, not their
+    product) gives down(swiglu(gate, up))'s output and gradients bit for bit."""
+    from qlora.nn import Linear4bit, LoRALinear
+
+    g = torch.Generator().manual_seed(7)
+    down = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(96, 32, bias=False).to(torch.bfloat16),
+                                             compute_dtype=torch.bfloat16), r=8, dropout=dropout)
+    with torch.no_grad():
+        down.lora_B.weight.normal_(0, 0.1, generator=g)
+    down.train()
+    gate0, up0 = (torch.randn(3, 40, 96, generator=g).bfloat16() for _ in range(2))
+    dy = torch.randn(3, 40, 32, generator=g).bfloat16()
+    results = []
+    for fn in (lambda a, b: down(fused.swiglu(a, b)), down.forward_gated):
+        gate, up = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+        torch.manual_seed(11)  # the same dropout seed
+        y = fn(gate, up)
+        grads = torch.autograd.grad(y, (gate, up, down.lora_A.weight, down.lora_B.weight), dy)
+        results.append((y, *grads))
+    assert type(y.grad_fn).__name__ == "_GatedLoRA4bitBackward"  # the fused path ran
+    for mine, composed in zip(results[1], results[0]):
+        assert torch.equal(mine, composed)
