@@ -1,5 +1,5 @@
-// Helpers shared by quant_cpu.cpp and decode_cpu.cpp (one definition of the bf16 rounding and of
-// a Double-Quantized block scale).
+// Helpers shared by the kernel files (one definition of the bf16 rounding, of a Double-Quantized
+// block scale, and of the 16-lane AVX-512 conversions and exp).
 #pragma once
 
 #include <cstdint>
