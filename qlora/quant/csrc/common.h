@@ -25,6 +25,10 @@ inline uint16_t float_to_bf16(float f) {
 
 inline float bf16_to_float(uint16_t h) { return float_of(uint32_t(h) << 16); }
 
+// Short names for the kernels' scalar paths.
+inline float bf(uint16_t h) { return bf16_to_float(h); }
+inline uint16_t to_bf(float f) { return float_to_bf16(f); }
+
 // The scale of 4-bit block b: absmax[b], or with Double Quantization (qabsmax not null)
 // code8[qabsmax[b]] * nested_absmax[b / nested_bs] + offset.
 inline float block_scale(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,

@@ -9,14 +9,8 @@
 // torch's bernoulli_ spent 18% of a SmolLM2 training step drawing these masks; this is one pass.
 
 #include <cstdint>
-#include <cstring>
 
-#include "common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(QLORA_PORTABLE)
-#define QLORA_DROPOUT_AVX512 1
-#include <immintrin.h>
-#endif
+#include "common.h"  // float_to_bf16 (c10::BFloat16's rounding, so x * scale in bf16 equals torch's), AVX-512
 
 namespace {
 
@@ -30,25 +24,9 @@ inline uint32_t mix(uint32_t i, uint32_t seed) {
   return h;
 }
 
-// fp32 -> bf16 round-to-nearest-even, NaN -> 0x7FC0: c10::BFloat16's rounding, so x * scale in
-// bf16 here equals torch's.
-inline uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-inline float from_bf16(uint16_t v) {
-  uint32_t b = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
 constexpr int64_t kParallelMin = int64_t(1) << 21;  // as in quant_cpu.cpp: small calls stay on one thread
 
-#ifdef QLORA_DROPOUT_AVX512
+#ifdef QLORA_AVX512
 // 16 lanes of the same arithmetic: mix() in 32-bit integer lanes, the bf16 rounding in integers
 // (the hardware conversion would flush subnormals), NaN -> 0x7FC0.
 inline __m512i mix16(__m512i i, __m512i seed) {
@@ -89,14 +67,14 @@ int64_t dropout_simd(const void* x, void* out, int64_t lo, int64_t hi, uint32_t 
 void dropout_range(const void* x, void* out, int64_t lo, int64_t hi, int dtype, uint32_t threshold, float scale,
                    uint32_t seed) {
   int64_t i = lo;
-#ifdef QLORA_DROPOUT_AVX512
+#ifdef QLORA_AVX512
   i = dtype == 2 ? dropout_simd<true>(x, out, lo, hi, threshold, scale, seed)
                  : dropout_simd<false>(x, out, lo, hi, threshold, scale, seed);
 #endif
   if (dtype == 2) {
     const uint16_t* in = static_cast<const uint16_t*>(x);
     uint16_t* o = static_cast<uint16_t*>(out);
-    for (; i < hi; ++i) o[i] = mix(uint32_t(i), seed) >= threshold ? to_bf16(from_bf16(in[i]) * scale) : uint16_t(0);
+    for (; i < hi; ++i) o[i] = mix(uint32_t(i), seed) >= threshold ? float_to_bf16(bf16_to_float(in[i]) * scale) : uint16_t(0);
   } else {
     const float* in = static_cast<const float*>(x);
     float* o = static_cast<float*>(out);

@@ -50,8 +50,6 @@ struct QloraLlama {
 
 namespace {
 
-inline float bf(uint16_t h) { return bf16_to_float(h); }
-inline uint16_t to_bf(float f) { return float_to_bf16(f); }
 
 thread_local std::vector<uint16_t> t_h, t_x, t_act;
 thread_local std::vector<float> t_out, t_q, t_att;

@@ -29,8 +29,6 @@ namespace {
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 constexpr int64_t kChunk = int64_t(1) << 14;  // SwiGLU elements per work item (a multiple of 16)
 
-inline float bf(uint16_t v) { return bf16_to_float(v); }
-inline uint16_t to_bf(float f) { return float_to_bf16(f); }
 
 #ifdef QLORA_AVX512
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
