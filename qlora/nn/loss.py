@@ -21,17 +21,20 @@ from ..quant import kernels
 CHUNK_TOKENS = 256  # (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
 
 
+def _chunk_compiled(k, h, y, weight, out, zb):
+    """_chunk through one compiled pass per row (max, exp and sum, softmax - onehot in place)."""
+    torch.mm(h, weight.t(), out=zb)
+    loss = k.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
+    if out is not None:
+        torch.mm(zb, weight, out=out)
+    return loss
+
+
 def _chunk(h, y, weight, softcap: float | None, out, zb, z):
     """Summed loss of one chunk; with `out`, dL/dh written there. zb (C, V) in h's dtype and z
-    (C, V) fp32 (None on the compiled path) are buffers the caller reuses across chunks: fresh
-    ones cost ~25k page faults per chunk on CPU."""
+    (C, V) fp32 are buffers the caller reuses across chunks: fresh ones cost ~25k page faults per
+    chunk on CPU."""
     torch.mm(h, weight.t(), out=zb)
-    k = kernels.cpu_kernels(zb) if zb.dtype == torch.bfloat16 and not softcap else None
-    if k is not None:  # one compiled pass per row: max, exp and sum, softmax - onehot in place
-        loss = k.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
-        if out is not None:
-            torch.mm(zb, weight, out=out)
-        return loss
     rows = torch.arange(len(y), device=h.device)
     if z is not zb:
         z.copy_(zb)  # fp32 (a mixed-dtype op would take torch's unvectorized path: ~20x slower)
@@ -62,14 +65,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         c = min(chunk, hidden.shape[0])
         zb = hidden.new_empty(c, weight.shape[0])
-        z = zb if zb.dtype == torch.float32 and not softcap else None
-        if z is None and (softcap or kernels.cpu_kernels(zb) is None):  # the compiled pass needs no fp32 copy
-            z = zb.new_empty(zb.shape, dtype=torch.float32)
+        k = kernels.cpu_kernels(hidden) if hidden.dtype == torch.bfloat16 and not softcap else None
+        z = None  # the fp32 logits of the torch path (the compiled pass needs none)
+        if k is None:
+            z = zb if zb.dtype == torch.float32 and not softcap else zb.new_empty(zb.shape, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            n = len(targets[rows])
-            total += _chunk(hidden[rows], targets[rows], weight, softcap,
-                            None if grad_hidden is None else grad_hidden[rows], zb[:n], None if z is None else z[:n])
+            n, out = len(targets[rows]), None if grad_hidden is None else grad_hidden[rows]
+            total += (_chunk_compiled(k, hidden[rows], targets[rows], weight, out, zb[:n]) if k is not None else
+                      _chunk(hidden[rows], targets[rows], weight, softcap, out, zb[:n], z[:n]))
         ctx.save_for_backward(grad_hidden)
         return total
 
