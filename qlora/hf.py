@@ -245,7 +245,7 @@ def _place_prequantized(net: nn.Module, shards: list[Path], dtype: torch.dtype, 
         bias_key = wkey.removesuffix("weight") + "bias"
         if getattr(module, "bias", None) is not None and bias_key not in sd:
             raise QloraError(f"{origin[marker]}: checkpoint lacks '{bias_key}'")
-        _set_module(net, module_name, Linear4bit(q, sd.pop(bias_key, None), dtype))
+        net.set_submodule(module_name, Linear4bit(q, sd.pop(bias_key, None), dtype))
         formats.add((q.quant_type, q.blocksize, q.double_quant))
     for key, tensor in sd.items():
         if (name := model_key(key)) is not None:
@@ -280,7 +280,7 @@ def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set,
         new = _quantize_layer(shell, name, dict(quant, compute_dtype=dtype, transpose=transpose))
         if new.bias is not None and new.bias.is_meta:
             new.bias = nn.Parameter(torch.zeros(new.out_features, dtype=dtype), requires_grad=False)
-        _set_module(net, module_name, new)
+        net.set_submodule(module_name, new)
     elif isinstance(module, Linear4bit) and attr == "bias":
         with torch.no_grad():
             module.bias.copy_(tensor)
@@ -300,11 +300,6 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
-def _set_module(net: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
-
-
 def linear_names(net: nn.Module, include_head: bool = False) -> list[str]:
     """Names of every linear layer (nn.Linear / Conv1D), the output head excluded by default."""
     head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
@@ -318,7 +313,7 @@ def quantize_model(net: nn.Module, quant_type="nf4", blocksize=64, double_quant=
         module = net.get_submodule(name)
         kw = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                   compute_dtype=compute_dtype, transpose=_is_conv1d(module))
-        _set_module(net, name, _quantize_layer(module, f"{name}.weight", kw))
+        net.set_submodule(name, _quantize_layer(module, f"{name}.weight", kw))
     return net
 
 
@@ -342,7 +337,7 @@ def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 
     if not names:
         raise QloraError(f"no linear layers match lora_targets={targets!r}")
     for name in names:
-        _set_module(net, name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype))
+        net.set_submodule(name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype))
     net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
     return names
 
@@ -456,7 +451,7 @@ def load_adapter(net: nn.Module, path: str) -> list[str]:
             with torch.no_grad():
                 target.copy_(t)
         layer.requires_grad_(False)
-        _set_module(net, name, layer)
+        net.set_submodule(name, layer)
         names.append(name)
     if not names:
         raise QloraError(f"{path}: adapter contains no LoRA weights")

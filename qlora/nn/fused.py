@@ -150,6 +150,5 @@ def fuse(net: nn.Module) -> int:
         elif kind in _MLPS and getattr(getattr(m, "config", None), "hidden_act", None) in ("silu", "swish"):
             swaps.append((name, GatedMLP(m.gate_proj, m.up_proj, m.down_proj)))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, new)
+        net.set_submodule(name, new)
     return len(swaps)
