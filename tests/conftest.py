@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,24 @@ def tiny_llama(tiny_dirs):
     return tiny_dirs["llama"]
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
-def k(request):
-    """Both builds of the compiled CPU kernels (AVX-512 and portable scalar)."""
+# The kernel builds the tests run: this CPU's own (-march=native: AVX-512 where it has it), AVX2
+# (-march=x86-64-v3, as QLORA_CPU_TARGET=x86-64-v3 builds it) and the portable scalar one.
+KERNEL_BUILDS = {"native": "native", "avx2": "x86-64-v3", "portable": "portable"}
+
+
+def kernel_build(name: str):
+    """The compiled CPU kernels of build `name` (KERNEL_BUILDS), or skip the test with the reason."""
     from qlora.quant import fast
 
-    built = fast.kernels(portable=request.param == "portable")
+    if name == "avx2" and not (platform.machine().lower() in ("x86_64", "amd64") and fast.cpu_supports("avx2")):
+        pytest.skip("the avx2 build needs an x86-64 CPU with AVX2, FMA and F16C")
+    built = fast.kernels(target=KERNEL_BUILDS[name])
     if built is None:
-        pytest.skip("the CPU kernels could not be built here (no C++ compiler?)")
-    if request.param == "simd" and not built.simd:
-        pytest.skip("no AVX-512 on this CPU/compiler: only the portable kernels exist")
+        pytest.skip(f"the {name} CPU kernels could not be built here (no C++ compiler?)")
     return built
+
+
+@pytest.fixture(scope="module", params=list(KERNEL_BUILDS))
+def k(request):
+    """Every build of the compiled CPU kernels this CPU can run: native, avx2 and portable."""
+    return kernel_build(request.param)

@@ -1,11 +1,26 @@
-"""The CPU fast path: C++/SIMD kernels for blockwise quantization, bit-identical to blockwise.py.
+"""The CPU fast path: C++/SIMD kernels for blockwise quantization (bit-identical to blockwise.py),
+seeded dropout, the decode step's products and attention, and RMSNorm/SwiGLU/cross-entropy rows.
 
-csrc/*.cpp (4-bit and 8-bit quantization; seeded dropout for LoRA) have no torch dependency. They
-are compiled once per machine with the system C++ compiler (about 2 s) into $QLORA_KERNEL_CACHE or ~/.cache/qlora/kernels/<key>/ and called
+csrc/*.cpp have no torch dependency. They are compiled once per machine with the system C++
+compiler (a few seconds) into $QLORA_KERNEL_CACHE or ~/.cache/qlora/kernels/<key>/ and called
 through ctypes with raw pointers. Compared with torch.utils.cpp_extension this needs neither ninja
 nor pybind11, builds ~30x faster than a translation unit that includes the torch headers, and
-keeps working across torch upgrades. `-march=native` tunes the library to this CPU, so the cache
-key includes the CPU's feature flags (a home directory shared between machines stays safe).
+keeps working across torch upgrades.
+
+The instruction set is chosen at compile time by the target: AVX-512 kernels where the target has
+AVX-512, else AVX2 + FMA + F16C or ARM64 NEON, else portable scalar code (csrc/common.h,
+csrc/simd16.h); `CpuKernels.isa` names the one a library uses. The target is `-march=native`
+unless $QLORA_CPU_TARGET says otherwise:
+
+    QLORA_CPU_TARGET=native      -march=native (the default)
+    QLORA_CPU_TARGET=x86-64-v3   any other value is passed as -march=VALUE (x86-64-v3: AVX2 + FMA +
+                                 F16C; x86-64-v4: AVX-512; armv8-a: NEON)
+    QLORA_CPU_TARGET=portable    the scalar kernels (-DQLORA_PORTABLE)
+
+The AVX2, NEON and portable builds give byte-identical results for every kernel (sums in one
+defined order, see csrc/simd16.h). The cache key includes the target and the CPU's feature flags
+(a home directory shared between machines stays safe), and a library built for instructions this
+CPU lacks is refused rather than run.
 
 If no compiler is found or the build fails, `kernels()` returns None after logging one warning,
 and kernels.py keeps using the reference. Pre-build, e.g. in a container image:
@@ -34,9 +49,11 @@ import torch
 from . import blockwise as ref
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = sorted(_CSRC.glob("*.cpp"))  # quant_cpu.cpp, dropout_cpu.cpp: one library
-# -ffp-contract=off: an FMA would skip a rounding the reference performs (see the .cpp header).
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
+_SOURCES = sorted(_CSRC.glob("*.cpp"))  # one library
+# -ffp-contract=off: an FMA would skip a rounding the reference performs (see quant4_cpu.cpp), and
+# the kernels fuse exactly where their defined order does (simd16.h). The target adds -march.
+_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off")
+_PORTABLE = "portable"
 _OPENMP = ("-fopenmp",)  # dropped (single-threaded kernels) where the compiler lacks OpenMP
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # enum Dtype in the .cpp
 _LIB_NAME = "libqlora_quant.so"
@@ -44,7 +61,11 @@ _HUGEPAGE_MIN_BYTES = 1 << 23  # 4 huge pages; smaller buffers usually come back
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_loaded: dict[bool, CpuKernels | None] = {}
+_loaded: dict[str, CpuKernels | None] = {}  # by target
+
+# What each ISA needs from the CPU, as /proc/cpuinfo spells the flags (x86 only: NEON is AArch64's baseline)
+_ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw"},
+              "avx512-bf16": {"avx512f", "avx512bw", "avx512_bf16"}}
 
 
 def default_decode_threads() -> int:
@@ -55,6 +76,32 @@ def default_decode_threads() -> int:
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def cpu_target(target: str | None = None, portable: bool = False) -> str:
+    """The build target: "portable" if asked, else `target`, else $QLORA_CPU_TARGET, else "native"."""
+    if portable:
+        return _PORTABLE
+    return target or os.environ.get("QLORA_CPU_TARGET") or "native"
+
+
+def _target_flags(target: str) -> tuple[str, ...]:
+    if target == _PORTABLE:  # scalar kernels, still tuned for this CPU (results do not depend on it)
+        return ("-march=native", "-DQLORA_PORTABLE")
+    return (f"-march={target}",)
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU runs code built for `isa` (CpuKernels.isa's names); True where unknown."""
+    need = _ISA_FLAGS.get(isa)
+    if not need or platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return need <= set(flags.split(":", 1)[-1].split())
 
 
 def _cpu_signature() -> str:
@@ -71,20 +118,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KERNEL_CACHE") or Path.home() / ".cache" / "qlora" / "kernels")
 
 
-def library_path(portable: bool = False) -> Path:
-    """Where the library for this source, compiler, variant and CPU lives (built or not)."""
+def library_path(portable: bool = False, target: str | None = None) -> Path:
+    """Where the library for this source, compiler, target and CPU lives (built or not)."""
+    target = cpu_target(target, portable)
     h = hashlib.sha256()
     for f in sorted(_CSRC.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
-    for part in (str(_compiler()), " ".join(_FLAGS), f"portable={portable}", _cpu_signature()):
+    for part in (str(_compiler()), " ".join(_FLAGS + _target_flags(target)), f"target={target}", _cpu_signature()):
         h.update(part.encode())
     return cache_dir() / h.hexdigest()[:16] / _LIB_NAME
 
 
-def build(portable: bool = False) -> Path:
-    """Compile the library unless it is already cached; raise RuntimeError with the compiler's
-    output if that fails. `portable` builds the scalar kernels only (tests compare both)."""
-    path = library_path(portable)
+def build(portable: bool = False, target: str | None = None) -> Path:
+    """Compile the library for `target` (see cpu_target; `portable`: the scalar kernels, which the
+    tests compare the others with) unless it is already cached; raise RuntimeError with the
+    compiler's output if that fails."""
+    target = cpu_target(target, portable)
+    path = library_path(target=target)
     if path.exists():
         return path
     cxx = _compiler()
@@ -92,32 +142,37 @@ def build(portable: bool = False) -> Path:
         raise RuntimeError("no C++ compiler found: install g++ (or set CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_LIB_NAME}.{os.getpid()}.tmp")  # then an atomic rename: racing builds are safe
-    extra = ("-DQLORA_PORTABLE",) if portable else ()
     errors = []
     for openmp in (_OPENMP, ()):
-        proc = subprocess.run([*shlex.split(cxx), *_FLAGS, *openmp, *extra, *map(str, _SOURCES), "-o", str(tmp)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([*shlex.split(cxx), *_FLAGS, *_target_flags(target), *openmp, *map(str, _SOURCES),
+                               "-o", str(tmp)], capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, path)
             return path
         errors.append(proc.stderr.strip()[-1500:])
-    raise RuntimeError(f"{cxx} could not build {', '.join(p.name for p in _SOURCES)}:\n" + "\n".join(errors))
+    raise RuntimeError(f"{cxx} could not build {', '.join(p.name for p in _SOURCES)} for {target}:\n"
+                       + "\n".join(errors))
 
 
-def kernels(portable: bool = False) -> CpuKernels | None:
-    """The compiled kernels, built on first use; None (after one warning) if they cannot be built."""
-    if portable in _loaded:  # every op asks: no lock once loaded
-        return _loaded[portable]
+def kernels(portable: bool = False, target: str | None = None) -> CpuKernels | None:
+    """The compiled kernels for `target` (see cpu_target), built on first use; None (after one
+    warning) if they cannot be built or need instructions this CPU lacks."""
+    target = cpu_target(target, portable)
+    if target in _loaded:  # every op asks: no lock once loaded
+        return _loaded[target]
     with _lock:
-        if portable not in _loaded:
+        if target not in _loaded:
             try:
-                _loaded[portable] = CpuKernels(ctypes.CDLL(str(build(portable))))
+                built = CpuKernels(ctypes.CDLL(str(build(target=target))))
+                if not cpu_supports(built.isa):
+                    raise RuntimeError(f"the {target} build uses {built.isa}, which this CPU lacks")
+                _loaded[target] = built
             except (OSError, RuntimeError) as e:
                 _log.warning("qlora: CPU quantization kernels unavailable, using the PyTorch reference "
                              "(slower). Run `python -m qlora.quant --build` for details. %s",
                              str(e).splitlines()[0])
-                _loaded[portable] = None
-        return _loaded[portable]
+                _loaded[target] = None
+        return _loaded[target]
 
 
 @functools.cache
@@ -161,6 +216,7 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL):
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.qlora_simd.restype = i32
+        lib.qlora_isa.restype = ctypes.c_char_p
         lib.qlora_advise_hugepages.argtypes = [p, i64]
         lib.qlora_quantize_4bit.argtypes = [p, i32, i64, i64, p, p, p, p, i32]
         lib.qlora_quantize_4bit.restype = i64
@@ -187,8 +243,9 @@ class CpuKernels:
         lib.qlora_swiglu_backward.argtypes = [p, p, p, p, p, i64, i32]
         lib.qlora_cross_entropy_rows.argtypes = [p, i64, i64, p, p, i32, i32]
         self._lib = lib
-        self.simd = bool(lib.qlora_simd())
-        self.gemv_simd = bool(lib.qlora_gemv_simd())  # AVX512-BF16 dot products (else scalar)
+        self.isa: str = lib.qlora_isa().decode()  # "avx512-bf16", "avx512", "avx2", "neon" or "scalar"
+        self.simd = bool(lib.qlora_simd())  # the AVX-512 quantization kernels (isa starts with "avx512")
+        self.gemv_simd = bool(lib.qlora_gemv_simd())  # vectorized decode products (any isa but "scalar")
         self.decode_threads(default_decode_threads())
 
     def decode_threads(self, n: int) -> None:
@@ -411,18 +468,19 @@ class CpuKernels:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] != ["--build"]:
-        print("usage: python -m qlora.quant --build [--portable]", file=sys.stderr)
+    if argv[:1] != ["--build"] or not set(argv[1:]) <= {"--portable"}:
+        print("usage: python -m qlora.quant --build [--portable]   (target: $QLORA_CPU_TARGET, default native)",
+              file=sys.stderr)
         return 2
-    portable = "--portable" in argv
+    target = cpu_target(portable="--portable" in argv)
     t0 = time.perf_counter()
     try:
-        path = build(portable)
+        path = build(target=target)
     except (OSError, RuntimeError) as e:
-        print(f"qlora: building the CPU quantization kernels failed; qlora will use the PyTorch reference.\n{e}",
+        print(f"qlora: building the CPU kernels failed; qlora will use the PyTorch reference.\n{e}",
               file=sys.stderr)
         return 1
-    k = kernels(portable)
-    kind = "unavailable" if k is None else "AVX-512" if k.simd else "portable scalar"
-    print(f"qlora CPU quantization kernels ({kind}): {path} ({time.perf_counter() - t0:.1f} s)")
+    k = kernels(target=target)
+    kind = "unavailable on this CPU" if k is None else k.isa
+    print(f"qlora CPU kernels (target {target}, ISA {kind}): {path} ({time.perf_counter() - t0:.1f} s)")
     return 0 if k is not None else 1

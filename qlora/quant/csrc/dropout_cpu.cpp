@@ -7,19 +7,24 @@
 // gradient instead of storing it, and the PyTorch reference (dropout.keep_mask) computes the same
 // bits on any device. mix() is MurmurHash3's 32-bit finaliser over a Weyl-sequence counter.
 // torch's bernoulli_ spent 18% of a SmolLM2 training step drawing these masks; this is one pass.
+// An AVX-512 version and one over simd16.h (AVX2, NEON, scalar): integer hashing and one fp32
+// multiply per element, so every build gives the reference's bits.
 
 #include <cstdint>
 
 #include "common.h"  // float_to_bf16 (c10::BFloat16's rounding, so x * scale in bf16 equals torch's), AVX-512
+#include "simd16.h"
 
 namespace {
 
+constexpr uint32_t kWeyl = 0x9E3779B9u, kMix1 = 0x85EBCA6Bu, kMix2 = 0xC2B2AE35u;  // MurmurHash3's fmix32
+
 inline uint32_t mix(uint32_t i, uint32_t seed) {
-  uint32_t h = (i * 0x9E3779B9u) ^ seed;
+  uint32_t h = (i * kWeyl) ^ seed;
   h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
+  h *= kMix1;
   h ^= h >> 13;
-  h *= 0xC2B2AE35u;
+  h *= kMix2;
   h ^= h >> 16;
   return h;
 }
@@ -30,11 +35,11 @@ constexpr int64_t kParallelMin = int64_t(1) << 21;  // as in quant_cpu.cpp: smal
 // 16 lanes of the same arithmetic: mix() in 32-bit integer lanes, the bf16 rounding in integers
 // (the hardware conversion would flush subnormals), NaN -> 0x7FC0.
 inline __m512i mix16(__m512i i, __m512i seed) {
-  __m512i h = _mm512_xor_si512(_mm512_mullo_epi32(i, _mm512_set1_epi32(int(0x9E3779B9u))), seed);
+  __m512i h = _mm512_xor_si512(_mm512_mullo_epi32(i, _mm512_set1_epi32(int(kWeyl))), seed);
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(0x85EBCA6Bu)));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(kMix1)));
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(0xC2B2AE35u)));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(kMix2)));
   return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
 }
 
@@ -61,16 +66,43 @@ int64_t dropout_simd(const void* x, void* out, int64_t lo, int64_t hi, uint32_t 
   }
   return i;
 }
+#else  // the same over simd16.h
+
+inline v16::U16 mix16(v16::U16 i, v16::U16 seed) {
+  using namespace v16;
+  U16 h = uxor(umullo(i, uset1(kWeyl)), seed);
+  h = uxor(h, usrli<16>(h));
+  h = umullo(h, uset1(kMix1));
+  h = uxor(h, usrli<13>(h));
+  h = umullo(h, uset1(kMix2));
+  return uxor(h, usrli<16>(h));
+}
+
+// Elements [lo, hi) 16 at a time; returns where it stopped. A dropped element is +0.0 (bf16 0x0000).
+template <bool BF16>
+int64_t dropout_simd(const void* x, void* out, int64_t lo, int64_t hi, uint32_t threshold, float scale, uint32_t seed) {
+  const v16::U16 vseed = v16::uset1(seed), vthr = v16::uset1(threshold);
+  const v16::F16 vs = v16::set1(scale);
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
+    const v16::U16 keep = v16::uge(mix16(v16::iota(uint32_t(i)), vseed), vthr);
+    if constexpr (BF16) {
+      const v16::F16 v = v16::load_bf16(static_cast<const uint16_t*>(x) + i);
+      v16::store_bf16(static_cast<uint16_t*>(out) + i, v16::and_mask(v16::mul(v, vs), keep));
+    } else {
+      const v16::F16 v = v16::load(static_cast<const float*>(x) + i);
+      v16::store(static_cast<float*>(out) + i, v16::and_mask(v16::mul(v, vs), keep));
+    }
+  }
+  return i;
+}
 #endif
 
 // One contiguous range, vector body and scalar tail.
 void dropout_range(const void* x, void* out, int64_t lo, int64_t hi, int dtype, uint32_t threshold, float scale,
                    uint32_t seed) {
-  int64_t i = lo;
-#ifdef QLORA_AVX512
-  i = dtype == 2 ? dropout_simd<true>(x, out, lo, hi, threshold, scale, seed)
-                 : dropout_simd<false>(x, out, lo, hi, threshold, scale, seed);
-#endif
+  int64_t i = dtype == 2 ? dropout_simd<true>(x, out, lo, hi, threshold, scale, seed)
+                         : dropout_simd<false>(x, out, lo, hi, threshold, scale, seed);
   if (dtype == 2) {
     const uint16_t* in = static_cast<const uint16_t*>(x);
     uint16_t* o = static_cast<uint16_t*>(out);
