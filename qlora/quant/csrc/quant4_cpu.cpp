@@ -156,6 +156,27 @@ inline float min_nonzero_code(const float* code) {
   return m;
 }
 
+// One block over simd16.h: its 16 possible values code[c] * scale (the product each element
+// computes, then stored as D rounds it) looked up by code, 32 codes at a time.
+template <int D> void dequantize4_block(const uint8_t* p, int64_t len, float scale, const float* code, uint8_t* out) {
+  constexpr int W = v16::kElemBytes<D>;
+  const v16::F16 values = v16::mul(v16::load(code), v16::set1(scale));
+  uint16_t half[16];
+  if constexpr (W == 2) v16::store_as<D>(half, 0, values);
+  const v16::Planes<W> t = [&] {
+    if constexpr (W == 4) return v16::planes4(values);
+    else return v16::planes2(half);
+  }();
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) v16::lookup32(p + i / 2, t, out + i * W);
+  if (i < len) {  // the last codes of a ragged block, without reading or writing past them
+    uint8_t codes[16] = {}, values_out[32 * W];
+    std::memcpy(codes, p + i / 2, size_t(len - i + 1) / 2);
+    v16::lookup32(codes, t, values_out);
+    std::memcpy(out + i * W, values_out, size_t(len - i) * W);
+  }
+}
+
 template <int D> void dequantize4(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
                                   const float* nested_absmax, const float* code8, float offset, int64_t nested_bs,
                                   const float* code, int64_t n, int64_t bs, void* out, int nthreads) {
@@ -163,8 +184,6 @@ template <int D> void dequantize4(const uint8_t* packed, const float* absmax, co
   [[maybe_unused]] const float min_code = min_nonzero_code(code);  // for the bf16 fast path
 #ifdef QLORA_AVX512
   const __m512 vc = _mm512_loadu_ps(code);
-#else
-  const v16::Codebook cb = v16::codebook(code);
 #endif
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= kParallelMin && nthreads > 1)
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -182,14 +201,7 @@ template <int D> void dequantize4(const uint8_t* packed, const float* absmax, co
       store16<D>(out, start + i, v, lanes(len - i));
     }
 #else
-    const v16::F16 vs = v16::set1(scale);
-    int64_t i = 0;
-    for (; i + 16 <= len; i += 16) v16::store_as<D>(out, start + i, v16::mul(v16::unpack_natural(p + i / 2, cb), vs));
-    if (i < len) {  // the last codes of a ragged block, without reading past them
-      uint8_t tail[8] = {};
-      std::memcpy(tail, p + i / 2, size_t(len - i + 1) / 2);
-      v16::store_part<D>(out, start + i, v16::mul(v16::unpack_natural(tail, cb), vs), len - i);
-    }
+    dequantize4_block<D>(p, len, scale, code, static_cast<uint8_t*>(out) + start * v16::kElemBytes<D>);
 #endif
   }
 }

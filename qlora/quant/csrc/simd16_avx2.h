@@ -137,6 +137,50 @@ inline F16 unpack_split(const uint8_t* p, const Codebook& t) {
   return {lookup8(t, _mm256_srli_epi32(w, 4), _mm256_slli_epi32(w, 24)), lookup8(t, w, _mm256_slli_epi32(w, 28))};
 }
 
+// A 4-bit block's 16 possible output values (W bytes each) as W byte planes (plane j: byte j of
+// each value, in both 128-bit lanes), looked up by code with one pshufb per plane: fewer and
+// cheaper shuffles than two vpermps and a blend per 8 values.
+template <int W> struct Planes { __m256i p[W]; };
+inline Planes<4> planes4(F16 v) {
+  const __m256i ctrl = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // qword j: byte j of 8 values
+  const __m256i x = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(si(v.a), ctrl), order);
+  const __m256i y = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(si(v.b), ctrl), order);
+  const __m256i u = _mm256_unpacklo_epi64(x, y), w = _mm256_unpackhi_epi64(x, y);  // planes 0 | 2, 1 | 3
+  return {{_mm256_permute2x128_si256(u, u, 0x00), _mm256_permute2x128_si256(w, w, 0x00),
+           _mm256_permute2x128_si256(u, u, 0x11), _mm256_permute2x128_si256(w, w, 0x11)}};
+}
+inline Planes<2> planes2(const uint16_t* v) {
+  const __m256i ctrl = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i x = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)), ctrl);
+  return {{_mm256_permute4x64_epi64(x, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_permute4x64_epi64(x, _MM_SHUFFLE(3, 1, 3, 1))}};
+}
+// 16 bytes -> the values of their 32 codes, in element order (unpacks work within 128-bit lanes:
+// lane 0 holds codes 0-15, lane 1 codes 16-31, until the last permutes).
+template <int W> inline void lookup32(const uint8_t* p, const Planes<W>& t, uint8_t* out) {
+  const __m128i b = load16b(p), m = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m), lo = _mm_and_si128(b, m);
+  const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  const __m256i p0 = _mm256_shuffle_epi8(t.p[0], idx), p1 = _mm256_shuffle_epi8(t.p[1], idx);
+  const __m256i a = _mm256_unpacklo_epi8(p0, p1), b2 = _mm256_unpackhi_epi8(p0, p1);  // 0-7 | 16-23, 8-15 | 24-31
+  if constexpr (W == 2) {
+    _mm256_storeu_si256(o, _mm256_permute2x128_si256(a, b2, 0x20));
+    _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(a, b2, 0x31));
+  } else {
+    const __m256i p2 = _mm256_shuffle_epi8(t.p[2], idx), p3 = _mm256_shuffle_epi8(t.p[3], idx);
+    const __m256i c = _mm256_unpacklo_epi8(p2, p3), d = _mm256_unpackhi_epi8(p2, p3);
+    const __m256i e0 = _mm256_unpacklo_epi16(a, c), e1 = _mm256_unpackhi_epi16(a, c);    // 0-3 | 16-19, 4-7 | 20-23
+    const __m256i e2 = _mm256_unpacklo_epi16(b2, d), e3 = _mm256_unpackhi_epi16(b2, d);  // 8-11 | 24-27, 12-15 | 28-31
+    _mm256_storeu_si256(o, _mm256_permute2x128_si256(e0, e1, 0x20));
+    _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(e2, e3, 0x20));
+    _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(e0, e1, 0x31));
+    _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(e2, e3, 0x31));
+  }
+}
+
 // simd16_scalar.h's search, branchless: step 1 compares with bounds[7], step 2 with bounds[3] or
 // [11], steps 3 and 4 look the bound up by index (i / 4 into b1 b5 b9 b13, i / 2 into b0 b2 .. b14).
 struct Code4Search {
@@ -182,22 +226,21 @@ inline void pack_codes4(F16 s, const Code4Search& c, uint8_t* out) {
 
 // ---- 8-bit codes ------------------------------------------------------------------------------
 
-// cvtt turns NaN into INT_MIN, which the max sends to index 0; the gather reads 4 bytes at each
-// index (the table has 3 bytes of padding) and keeps the low one.
+// cvtt turns NaN into INT_MIN, which the max sends to index 0; then 16 byte loads (vpgatherdd
+// took longer on Zen 1, the machine measured).
 inline void lut_bytes16(F16 t, const uint8_t* lut, int32_t top, uint8_t* out) {
-  const __m256i zero = _mm256_setzero_si256(), hi = _mm256_set1_epi32(top), low = _mm256_set1_epi32(0xFF);
-  const auto gather = [&](__m256 v) {
-    const __m256i idx = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(v), zero), hi);
-    return _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(lut), idx, 1), low);
-  };
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(gather(t.a), gather(t.b)), 0xD8);
-  const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(b));
+  const __m256i zero = _mm256_setzero_si256(), hi = _mm256_set1_epi32(top);
+  alignas(32) int32_t idx[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(idx), _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(t.a), zero), hi));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(idx + 8), _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(t.b), zero), hi));
+  for (int l = 0; l < 16; ++l) out[l] = lut[idx[l]];
 }
-inline F16 gather16(const float* table, const uint8_t* idx) {
-  const __m128i b = load16b(idx);
-  return {_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(b), 4),
-          _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), 4)};
+// table[idx[l]]: 16 plain loads (vgatherdps took 1.8x as long on Zen 1, the machine measured)
+inline F16 gather16(const float* table, const uint8_t* i) {
+  return {_mm256_setr_ps(table[i[0]], table[i[1]], table[i[2]], table[i[3]], table[i[4]], table[i[5]], table[i[6]],
+                         table[i[7]]),
+          _mm256_setr_ps(table[i[8]], table[i[9]], table[i[10]], table[i[11]], table[i[12]], table[i[13]],
+                         table[i[14]], table[i[15]])};
 }
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }

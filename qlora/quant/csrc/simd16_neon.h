@@ -149,6 +149,32 @@ inline F16 unpack_split(const uint8_t* p, const Codebook& t) {
   return lookup16(t, vcombine_u8(vshr_n_u8(b, 4), vand_u8(b, vdup_n_u8(0x0F))));
 }
 
+// A 4-bit block's 16 possible output values (W bytes each) as W byte planes for tbl lookups.
+template <int W> struct Planes { uint8x16_t p[W]; };
+inline Planes<4> planes4(F16 v) {
+  float f[16];
+  store(f, v);
+  const uint8x16x4_t t = vld4q_u8(reinterpret_cast<const uint8_t*>(f));  // de-interleaves the bytes
+  return {{t.val[0], t.val[1], t.val[2], t.val[3]}};
+}
+inline Planes<2> planes2(const uint16_t* v) {
+  const uint8x16x2_t t = vld2q_u8(reinterpret_cast<const uint8_t*>(v));
+  return {{t.val[0], t.val[1]}};
+}
+// 16 bytes -> the values of their 32 codes, in element order: tbl per plane, interleaving stores.
+template <int W> inline void lookup32(const uint8_t* p, const Planes<W>& t, uint8_t* out) {
+  const uint8x16_t b = vld1q_u8(p), hi = vshrq_n_u8(b, 4), lo = vandq_u8(b, vdupq_n_u8(0x0F));
+  const uint8x16_t idx[2] = {vzip1q_u8(hi, lo), vzip2q_u8(hi, lo)};
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (W == 2) {
+      vst2q_u8(out + 32 * h, (uint8x16x2_t{{vqtbl1q_u8(t.p[0], idx[h]), vqtbl1q_u8(t.p[1], idx[h])}}));
+    } else {
+      vst4q_u8(out + 64 * h, (uint8x16x4_t{{vqtbl1q_u8(t.p[0], idx[h]), vqtbl1q_u8(t.p[1], idx[h]),
+                                            vqtbl1q_u8(t.p[2], idx[h]), vqtbl1q_u8(t.p[3], idx[h])}}));
+    }
+  }
+}
+
 // The sorted index as a count, the same number as simd16_scalar.h's binary search over sorted
 // bounds: how many of the 15 fail bound >= s (all of them for NaN). Then a tbl maps it to the code.
 struct Code4Search {

@@ -106,6 +106,26 @@ inline F16 unpack_split(const uint8_t* p, const Codebook& t) {
   return fmap([&](int l) { return t.c[l < 8 ? p[l] >> 4 : p[l - 8] & 0xF]; });
 }
 
+// A 4-bit block's 16 possible output values (W bytes each), looked up by code.
+template <int W> struct Planes { uint8_t v[16][W]; };
+inline Planes<4> planes4(F16 v) {
+  Planes<4> t;
+  std::memcpy(t.v, v.v, sizeof t.v);
+  return t;
+}
+inline Planes<2> planes2(const uint16_t* v) {
+  Planes<2> t;
+  std::memcpy(t.v, v, sizeof t.v);
+  return t;
+}
+// 16 bytes -> the values of their 32 codes, in element order.
+template <int W> inline void lookup32(const uint8_t* p, const Planes<W>& t, uint8_t* out) {
+  for (int i = 0; i < 16; ++i) {
+    std::memcpy(out + 2 * i * W, t.v[p[i] >> 4], W);
+    std::memcpy(out + (2 * i + 1) * W, t.v[p[i] & 0xF], W);
+  }
+}
+
 // torch.bucketize over 15 sorted midpoints (quant_cpu's code4): the number of bounds b with
 // !(b >= s), found in 4 steps; a NaN passes every bound. Then sorted index -> code.
 struct Code4Search {
