@@ -24,6 +24,7 @@ from qlora.generate import GenerationSettings, generate, load_model
 from qlora.nn import Linear4bit
 from qlora.quant import dequantize, quantize
 from qlora.tiny import save_tiny, save_tiny_adapter
+from quant.helpers import bnb_canonical  # tests/quant/helpers.py
 
 TEXT = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nhé<|im_end|>"
 
@@ -114,16 +115,18 @@ def test_requantized_merge_reports_the_error(tiny, tmp_path):
 def test_bnb_export_loads_in_transformers_with_identical_weights(tiny, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     export(tiny[0], [], str(tmp_path / "bnb"), "bnb")
-    ours, tok = load_model(tiny[0])
+    ours, tok = load_model(tiny[0], compute_dtype=torch.bfloat16)  # as export quantizes (dtype="bf16"), on any CPU
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bnb"))
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
     assert len(layers) == 14
-    for name, layer in layers.items():
-        param = theirs.get_submodule(name).weight
-        assert isinstance(theirs.get_submodule(name), bnb.nn.Linear4bit)
-        w = bnb.functional.dequantize_4bit(param.data, param.quant_state)
-        assert torch.equal(w, dequantize(layer.weight, w.dtype)), name
-    assert (logits(theirs, tok) - logits(ours, tok)).abs().max() < 0.05  # bf16 compute on both sides
+    with bnb_canonical():  # bitsandbytes' PyTorch dequantize, not its native CPU kernel (which varies by ISA)
+        for name, layer in layers.items():
+            param = theirs.get_submodule(name).weight
+            assert isinstance(theirs.get_submodule(name), bnb.nn.Linear4bit)
+            w = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+            assert torch.equal(w, dequantize(layer.weight, w.dtype)), name
+        theirs_logits = logits(theirs, tok)
+    assert (theirs_logits - logits(ours, tok)).abs().max() < 0.05  # bf16 compute on both sides
 
 
 def test_bnb_export_refuses_formats_bitsandbytes_lacks(tmp_path):
