@@ -183,6 +183,11 @@ def find_resume(output_dir: str, resume: str) -> Path:
     raise QloraError(f"{root}: no checkpoint verifies against its manifest")
 
 
+def read_state(ckpt: Path) -> dict:
+    """The checkpoint's trainer_state.json (step, data position, the run's config)."""
+    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+
+
 def load(ckpt: Path) -> tuple[dict, Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
     """-> (trainer_state, optimizer tensors, rng tensors). Adapter weights are read by the caller.
     Optimizer tensors are read from disk as they are asked for (AdamW.load_state takes them one
@@ -191,5 +196,4 @@ def load(ckpt: Path) -> tuple[dict, Mapping[str, torch.Tensor], dict[str, torch.
 
     from .safetensors_reader import TensorFile
 
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    return state, TensorFile(ckpt / "optimizer.safetensors"), load_file(str(ckpt / "rng.safetensors"))
+    return read_state(ckpt), TensorFile(ckpt / "optimizer.safetensors"), load_file(str(ckpt / "rng.safetensors"))

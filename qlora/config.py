@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .errors import QloraError
+from .precision import ALIASES
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
@@ -39,8 +40,8 @@ class TrainConfig:
     """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
     blocksize: int = 64
     """Elements per absmax block of the 4-bit weights (32..4096)."""
-    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    """Dtype the frozen weights are dequantized to for matmuls."""
+    compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16 natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
     quantize_head: bool = False
     """Also quantize the output head (the paper keeps it in 16 bits)."""
     # ---- LoRA ----
@@ -158,6 +159,7 @@ def _coerce(key: str, value, tp):
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
+        value = ALIASES.get(value, value) if isinstance(value, str) else value  # bf16 -> bfloat16 ...
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

@@ -64,7 +64,7 @@ class Delta:
 
 
 def load_model(model: str | None = None, adapters=(), quant_type: str | None = None,
-               compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+               compute_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu"):
     """A 4-bit base with adapters applied live. The base is quantized as the (first) adapter was
     trained on (see base_quant), unless `quant_type` says otherwise."""
     from . import hf

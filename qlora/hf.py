@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import safetensors_reader
+from . import precision, safetensors_reader
 from .errors import QloraError
 from .nn import Linear4bit, LoRALinear, fused
 
@@ -72,16 +72,20 @@ def load_tokenizer(directory: str, gguf_file: str | None = None):
 
 
 def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-         compute_dtype: torch.dtype = torch.bfloat16, quantize_head: bool = False, adapters=(),
+         compute_dtype: torch.dtype | str = torch.bfloat16, quantize_head: bool = False, adapters=(),
          lora: dict | None = None, device: str | torch.device = "cpu", on_layer=None):
     """Load a causal LM with its linear layers in 4 bits (quant_type "bf16": left unquantized).
 
+    `compute_dtype`: a torch dtype, a name, or "auto" (qlora.precision: bf16 where the hardware
+    multiplies it natively, else fp32).
     `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
     `on_layer(layer)`: called with each decoder layer as soon as all its weights are in place, while
     a 16-bit safetensors checkpoint streams (distributed.layer_sharder shards it there, so a rank
     never holds the whole base); other sources do not call it. Llama-family RMSNorm and SiLU-gated MLP
     modules become nn.fused's one-pass functions (same parameters and state_dict keys).
     Returns (model, tokenizer)."""
+    if not isinstance(compute_dtype, torch.dtype):
+        compute_dtype = precision.torch_dtype(precision.resolve(compute_dtype, device))
     directory, gguf_file = resolve(model)
     tokenizer = load_tokenizer(directory, gguf_file)
     quant = None if quant_type == "bf16" else dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)

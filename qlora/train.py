@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, data, distributed, hf
+from . import __version__, checkpoint, data, distributed, hf, precision
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
 from .nn.loss import linear_cross_entropy
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -58,6 +56,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
     rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
+    cfg.compute_dtype = resolve_compute_dtype(cfg, device)  # concrete from here on: checkpoints record it
     if model is None:
         from .memory import preflight, return_freed_memory
 
@@ -65,12 +64,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
         model, tokenizer = hf.load(
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-            compute_dtype=DTYPES[cfg.compute_dtype], quantize_head=cfg.quantize_head, device=device,
+            compute_dtype=precision.torch_dtype(cfg.compute_dtype), quantize_head=cfg.quantize_head, device=device,
             on_layer=shard,
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
     hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=DTYPES[cfg.lora_dtype])
+                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
@@ -88,6 +87,21 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise QloraError(f"{cfg.data}: no training examples left after the validation split")
     print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
     return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt))
+
+
+def resolve_compute_dtype(cfg: TrainConfig, device) -> str:
+    """cfg.compute_dtype made concrete. 'auto' is the machine's choice (qlora.precision), except on
+    resume, where it is the dtype the checkpoint was trained in: a resumed run keeps its arithmetic."""
+    if cfg.compute_dtype == "auto" and cfg.resume:
+        try:
+            ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
+        except QloraError:
+            ckpt = None  # fit() reports it, with the same message, before anything is written
+        saved = checkpoint.read_state(ckpt).get("config", {}).get("compute_dtype") if ckpt else None
+        if saved in precision.NAMES:
+            print(f"compute dtype: {saved} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
+            return saved
+    return precision.resolve(cfg.compute_dtype, device)
 
 
 # ---- loss ----

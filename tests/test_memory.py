@@ -298,8 +298,9 @@ def test_plan_options_fit_the_budget():
 # ---- preflight ----
 
 
-def _cfg(**kw):
-    return build_config({"model": "7B", "batch_size": 8, "max_seq_len": 512, "device": "cpu", **kw})
+def _cfg(**kw):  # the figures below are bf16's; "auto" would make them depend on the CPU
+    return build_config({"model": "7B", "batch_size": 8, "max_seq_len": 512, "device": "cpu",
+                         "compute_dtype": "bfloat16", **kw})
 
 
 def test_preflight_passes_and_refuses():

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import QloraError
-from .generate import DTYPE_CHOICES, QUANT_CHOICES, add_model_args, add_sampling_args
+from .generate import QUANT_CHOICES, add_dtype_arg, add_model_args, add_sampling_args
 
 def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: bool = True) -> None:
     """The model flags: generate's set (--model --adapter --quant-type --dtype), plus the 4-bit layout."""
@@ -26,7 +26,7 @@ def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: boo
         if quant:
             p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
                            help="4-bit type of the base (default: the one each adapter was trained on, else nf4)")
-        p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype of the matmuls (default: bfloat16)")
+        add_dtype_arg(p)
     if quant:
         p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
                        help="quantize the block scales too (default: as the adapter was trained, else on)")
@@ -63,10 +63,9 @@ def _help(p: argparse.ArgumentParser) -> int:
 
 def load(args, adapters: list[str] | None = None):
     """(model, tokenizer) from the model flags; quantization read from the (first) adapter unless given."""
-    import torch
-
     from .. import hf
     from ..generate import base_quant
+    from ..precision import resolve, torch_dtype
 
     adapters = list(args.adapters if adapters is None else adapters)
     quant = base_quant(adapters)
@@ -75,7 +74,8 @@ def load(args, adapters: list[str] | None = None):
             quant[key] = getattr(args, key)
     if getattr(args, "batch_size", 1) < 1:
         raise QloraError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, tokenizer = hf.load(args.model, compute_dtype=getattr(torch, args.dtype), adapters=adapters,
+    args.dtype = resolve(args.dtype, args.device)  # 'auto' made concrete: the JSON records what ran
+    model, tokenizer = hf.load(args.model, compute_dtype=torch_dtype(args.dtype), adapters=adapters,
                                device=args.device, **quant)
     model.qlora_adapters = adapters
     shown = "bf16" if quant["quant_type"] == "bf16" else (
@@ -218,20 +218,20 @@ def _register_datatypes(verbs) -> None:
 
 
 def _run_datatypes(args) -> int:
-    import torch
-
     from .. import hf
     from ..evaluate import datatypes as D
     from ..evaluate.choice import data_dir, load_task
     from ..evaluate.perplexity import read_text, tokenize
+    from ..precision import resolve, torch_dtype
 
     dtypes = [D.parse_datatype(s) for s in _csv(args.datatypes)]
     tasks = dict(load_task(t, args.limit) for t in _csv(args.tasks))
     text = read_text(args.data or str(data_dir() / "ppl" / "wikitext2_raw_test.txt"))
     # quantized from weights in the compute dtype, as `hf.load` does: each row equals `qlora eval perplexity`
-    base, tokenizer = hf.load(args.model, quant_type="bf16", compute_dtype=getattr(torch, args.dtype), device=args.device)
+    args.dtype = resolve(args.dtype, args.device)
+    base, tokenizer = hf.load(args.model, quant_type="bf16", compute_dtype=torch_dtype(args.dtype), device=args.device)
     ids = tokenize(tokenizer, text, args.max_tokens or None)
-    rows = D.study(base, tokenizer, dtypes, ids, tasks, args.window, args.adapters, getattr(torch, args.dtype),
+    rows = D.study(base, tokenizer, dtypes, ids, tasks, args.window, args.adapters, torch_dtype(args.dtype),
                    args.batch_size, args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))
     table = D.table(rows)
     if args.markdown:

@@ -11,9 +11,17 @@ import typing
 from ..config import QuantType
 from ..errors import QloraError
 from ..generate import GenerationSettings
+from ..precision import ALIASES, CHOICES as DTYPE_CHOICES
 
 QUANT_CHOICES = typing.get_args(QuantType)
-DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+DTYPE_HELP = ("compute dtype of the matmuls; auto = bfloat16 where the hardware multiplies bf16 natively, "
+              "else float32 (default: auto)")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype (alias --compute-dtype), as `qlora train --compute-dtype`: auto, or a dtype name (bf16 etc. too)."""
+    p.add_argument("--dtype", "--compute-dtype", dest="dtype", choices=DTYPE_CHOICES, default="auto",
+                   type=lambda v: ALIASES.get(v, v), help=DTYPE_HELP)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="PEFT-format LoRA adapter directory, applied live on the 4-bit base (repeat to stack)")
     p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
                    help="4-bit type of the base (default: the one the adapter was trained on, else nf4; bf16 = unquantized)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype of the matmuls (default: bfloat16)")
+    add_dtype_arg(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +54,11 @@ def settings_from(args) -> GenerationSettings:
 
 def load_from(args):
     """(model, tokenizer) for the model flags, with a line on stderr saying what was loaded."""
-    import torch
-
     from ..generate import load_model
+    from ..precision import resolve, torch_dtype
 
-    model, tokenizer = load_model(args.model, args.adapters, args.quant_type, getattr(torch, args.dtype))
+    args.dtype = resolve(args.dtype, "cpu")
+    model, tokenizer = load_model(args.model, args.adapters, args.quant_type, torch_dtype(args.dtype))
     quant = model.qlora_quant["quant_type"]
     adapters = f" + {len(args.adapters)} adapter(s)" if args.adapters else ""
     print(f"loaded {model.qlora_source} ({quant}{adapters}, {args.dtype})", file=sys.stderr, flush=True)

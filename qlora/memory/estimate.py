@@ -15,16 +15,17 @@ it added 136 MiB when the state was gathered for safetensors' save_file. Resumin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import QloraError
+from ..precision import canonical, resolve
 from ..nn.fused import FUSED_MODEL_TYPES
 from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
 from ..quant.state import NESTED_BLOCKSIZE
 from .arch import Arch, LinearSpec, arch_from_config
 
-BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # keys: qlora.precision.NAMES
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 ATTENTION = ("sdpa", "eager")
 # Resident memory of the runtime itself. cpu: measured here (Python 3.11, torch 2.13 CPU,
@@ -68,27 +69,30 @@ class Settings:
     gradient_checkpointing: bool = False
     optimizer: str = "paged_adamw"
     optimizer_memory_budget: int | None = None
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"  # or "auto": what training picks on this machine
     attention: str = "sdpa"
     device: str = "cpu"
     shards: int = 1  # ranks the decoder layers' 4-bit weights are split over (--shard-base); the estimate is one rank's
 
     def check(self) -> "Settings":
+        # 'auto' becomes what training would pick on this machine (and device); aliases as everywhere
+        s = replace(self, compute_dtype=resolve(self.compute_dtype, self.device, announce=False),
+                    lora_dtype=canonical(self.lora_dtype))
         choices = {"quant_type": (*QUANT_TYPES, "bf16"), "lora_targets": ("all", "attention"), "optimizer": OPTIMIZERS,
                    "compute_dtype": tuple(BYTES), "lora_dtype": tuple(BYTES), "attention": ATTENTION,
                    "device": ("cpu", "cuda")}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise QloraError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+            if getattr(s, key) not in allowed:
+                raise QloraError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
         for key in ("blocksize", "lora_r", "batch_size", "seq_len", "shards"):
-            if not getattr(self, key) > 0:
-                raise QloraError(f"{key} must be > 0, got {getattr(self, key)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise QloraError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.optimizer_memory_budget is not None and not self.optimizer.startswith("paged_"):
+            if not getattr(s, key) > 0:
+                raise QloraError(f"{key} must be > 0, got {getattr(s, key)}")
+        if not 0 <= s.lora_dropout < 1:
+            raise QloraError(f"lora_dropout must be in [0, 1), got {s.lora_dropout}")
+        if s.optimizer_memory_budget is not None and not s.optimizer.startswith("paged_"):
             raise QloraError(f"optimizer_memory_budget applies to paged optimizers only; "
-                             f"use paged_{self.optimizer} or drop it")
-        return self
+                             f"use paged_{s.optimizer} or drop it")
+        return s
 
     @property
     def c(self) -> int:  # bytes per element of the compute dtype
