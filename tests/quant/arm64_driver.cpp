@@ -34,6 +34,7 @@
 extern "C" {
 int qlora_simd(void);
 int qlora_gemv_simd(void);
+const char* qlora_isa(void) __attribute__((weak));  // newer sources only: null where absent
 int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t bs, const float* bounds,
                             const uint8_t* order, uint8_t* packed, float* absmax, int nthreads);
 void qlora_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
@@ -219,6 +220,8 @@ void run(const Call& c, Outputs& out) {
   if (op == "info") {
     out.scalar("info_simd:i64", qlora_simd());
     out.scalar("info_gemv_simd:i64", qlora_gemv_simd());
+    const std::string isa = qlora_isa ? qlora_isa() : "?";
+    std::memcpy(out.add("info_isa:str", isa.size()), isa.data(), isa.size());
   } else if (op == "libm") {  // the C library's expf/logf/sqrtf on the given arguments
     const int64_t n = a.i();
     const float* x = a.need<float>(size_t(n) * 4);
