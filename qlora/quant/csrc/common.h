@@ -30,13 +30,13 @@
 // exp(x) = 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, the first exact in
 // 16 bits so n · hi is exact), p the degree-6 Taylor polynomial (|r| <= ln 2 / 2: ~1 ulp). x is
 // clamped first: below -104 the result is 0, above 89 it is inf, in every version.
-namespace qlora_exp {
+namespace exp_poly {
 constexpr float kMax = 89.0f, kMin = -104.0f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
 constexpr float kC6 = 1.0f / 720;  // then p = p * r + c for each c of kPoly
 constexpr float kPoly[6] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-}  // namespace qlora_exp
+}  // namespace exp_poly
 
 namespace {
 
@@ -107,7 +107,7 @@ inline __m512 round_bf16_16(__m512 v) {
 
 // exp on 16 lanes (the constants above); scalef handles over- and underflow.
 inline __m512 exp16(__m512 x) {
-  using namespace qlora_exp;
+  using namespace exp_poly;
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kMax)), _mm512_set1_ps(kMin));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -26,11 +26,11 @@
 namespace {
 namespace v16 {
 
-// exp on 16 lanes (common.h's qlora_exp; AVX-512: exp16): scalef(p, n) = p · 2^n is two exact-
+// exp on 16 lanes (common.h's exp_poly; AVX-512: exp16): scalef(p, n) = p · 2^n is two exact-
 // or-once-rounded products, p · 2^n1 (exact: p is in [0.7, 1.42] and n1 = clamp(n, -125, 127))
 // times 2^(n - n1), the only rounding (to a subnormal or to inf), as scalef rounds once.
 inline F16 exp(F16 x) {
-  using namespace qlora_exp;
+  using namespace exp_poly;
   x = max(min(x, set1(kMax)), set1(kMin));
   const F16 n = round_even(mul(x, set1(kLog2e)));
   F16 r = fnma(n, set1(kLn2Hi), x);

@@ -11,6 +11,7 @@ namespace {
 namespace v16 {
 
 constexpr const char* kIsa = "avx2";
+constexpr bool kVector = true;
 
 struct F16 { __m256 a, b; };   // lanes 0-7, 8-15
 struct U16 { __m256i a, b; };

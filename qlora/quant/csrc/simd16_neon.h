@@ -13,6 +13,7 @@ namespace {
 namespace v16 {
 
 constexpr const char* kIsa = "neon";
+constexpr bool kVector = true;
 
 struct F16 { float32x4_t v[4]; };  // lanes 0-3, 4-7, 8-11, 12-15
 struct U16 { uint32x4_t v[4]; };

@@ -14,6 +14,7 @@ namespace {
 namespace v16 {
 
 constexpr const char* kIsa = "scalar";
+constexpr bool kVector = false;
 
 struct F16 { float v[16]; };     // 16 fp32 lanes
 struct U16 { uint32_t v[16]; };  // 16 uint32 lanes (masks are all ones or zero)

@@ -1,0 +1,144 @@
+// The decode products (gemv.h) with fp32 FMAs over simd16.h, where there is no bf16 dot product:
+// AVX2 + FMA, NEON, or scalar in the portable build (gemv_bf16_cpu.cpp has the AVX512-BF16 ones).
+//
+// The weights are the reference's fp32 values: 4-bit codes unpack to fp32 codebook entries, bf16
+// and int8 widen exactly, and x is widened to fp32 once per call. The order of the sums is the
+// definition of these results, byte-identical in the three builds:
+//   gemv4 (4-bit W · x): per row and block, d = sum of code · x over the block in 16 lanes, fused;
+//     8 bytes (16 weights) go to the lanes as unpacked: the 8 even elements, then the 8 odd ones
+//     (x is rearranged once per call to match); then acc = d · block scale + acc, fused; the row is
+//     reduce_add(acc) (simd16.h: _mm512_reduce_add_ps's tree).
+//   gemv16 (bf16 W · x: LoRA's A, the output head): four accumulators over 64-element steps, then
+//     16 at a time (the last zero-padded) into the first, fused; (a0 + a1) + (a2 + a3), reduced.
+//   gemv8 (the int8 head screen): the same four over 64-element steps only, reduced, then each
+//     remaining element's product added in turn: the AVX512-BF16 build's own order.
+//   lora_b: per 16 outputs, four accumulators over the ranks (rank c into c % 4, those past the
+//     last multiple of 4 into the first), fused; (a0 + a1) + (a2 + a3): the AVX512-BF16 order.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "gemv.h"
+#include "simd16.h"
+
+#ifndef QLORA_GEMV_BF16
+
+namespace qlora::gemv {
+
+namespace {
+
+thread_local std::vector<float> t_x4, t_x16;  // gemv4's and gemv16's fp32 x, per thread
+
+// Rows at once in gemv4: they share the loads of x. 4 where 32 vector registers hold the partial
+// sums (NEON), 2 with AVX2's 16.
+#if defined(__aarch64__)
+constexpr int kRows = 4;
+#else
+constexpr int kRows = 2;
+#endif
+
+// Rows o..o+R of W4 · x; the rows two groups ahead are prefetched (as gemv_bf16_cpu.cpp's).
+template <int R>
+inline void gemv4_rows(const QloraDecodeLinear& L, const float* xs, const v16::Codebook& cb, int64_t o,
+                       Scales& scales, float* out) {
+  const size_t row_bytes = size_t(L.k) / 2, block_bytes = size_t(L.bs) / 2, kb = size_t(L.k / L.bs);
+  const size_t ahead = 2 * R * row_bytes;
+  const uint8_t* codes = L.packed + size_t(o) * row_bytes;
+  const float* s = scales.next_rows(R);  // (R, kb)
+  v16::F16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v16::zero();
+  for (size_t b = 0; b < kb; ++b) {
+    v16::F16 d[R];
+    for (int r = 0; r < R; ++r) d[r] = v16::zero();
+    for (size_t at = b * block_bytes; at < (b + 1) * block_bytes; at += 32) {  // 64 weights a step
+      for (int r = 0; r < R; ++r) v16::prefetch(codes + r * row_bytes + at + ahead);
+      for (size_t q = at; q < at + 32; q += 8) {
+        const v16::F16 xv = v16::load(xs + 2 * q);
+        for (int r = 0; r < R; ++r) d[r] = v16::fma(v16::unpack_split(codes + r * row_bytes + q, cb), xv, d[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = v16::fma(d[r], v16::set1(s[r * kb + b]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = v16::reduce_add(acc[r]);
+}
+
+// x (bf16, k) as fp32 in this thread's scratch, zero-padded to a multiple of 16.
+const float* widen(const uint16_t* x, int64_t k) {
+  t_x16.assign(size_t((k + 15) / 16 * 16), 0.0f);
+  for (int64_t j = 0; j < k; ++j) t_x16[j] = bf16_to_float(x[j]);
+  return t_x16.data();
+}
+
+float dot16(const uint16_t* w, int64_t k, const float* x) {
+  v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 64 <= k; j += 64) {
+    a0 = v16::fma(v16::load_bf16(w + j), v16::load(x + j), a0);
+    a1 = v16::fma(v16::load_bf16(w + j + 16), v16::load(x + j + 16), a1);
+    a2 = v16::fma(v16::load_bf16(w + j + 32), v16::load(x + j + 32), a2);
+    a3 = v16::fma(v16::load_bf16(w + j + 48), v16::load(x + j + 48), a3);
+  }
+  for (; j < k; j += 16) a0 = v16::fma(v16::load_bf16_upto(w + j, k - j), v16::load(x + j), a0);
+  return v16::reduce_add(v16::add(v16::add(a0, a1), v16::add(a2, a3)));
+}
+
+}  // namespace
+
+const float* gemv4_input(const uint16_t* x, int64_t k) {
+  t_x4.resize(size_t(k));
+  float* out = t_x4.data();
+  for (int64_t j = 0; j < k; j += 16)  // k % 64 == 0 (fast.py checks)
+    for (int i = 0; i < 8; ++i) out[j + i] = bf16_to_float(x[j + 2 * i]), out[j + 8 + i] = bf16_to_float(x[j + 2 * i + 1]);
+  return out;
+}
+
+void gemv4_range(const QloraDecodeLinear& L, const float* x, int64_t o0, int64_t o1, float* out) {
+  const v16::Codebook cb = v16::codebook(L.code);
+  Scales scales(L, o0);
+  int64_t o = o0;
+  for (; o + kRows <= o1; o += kRows) gemv4_rows<kRows>(L, x, cb, o, scales, out + o);
+  for (; o < o1; ++o) gemv4_rows<1>(L, x, cb, o, scales, out + o);
+}
+
+void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
+  const float* xf = widen(x, k);
+  for (int64_t o = 0; o < n; ++o) out[o] = dot16(w + o * k, k, xf);
+}
+
+float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen(x, k)); }
+
+float gemv8_row(const int8_t* q, int64_t k, const float* x) {
+  v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 64 <= k; j += 64) {
+    a0 = v16::fma(v16::load_i8(q + j), v16::load(x + j), a0);
+    a1 = v16::fma(v16::load_i8(q + j + 16), v16::load(x + j + 16), a1);
+    a2 = v16::fma(v16::load_i8(q + j + 32), v16::load(x + j + 32), a2);
+    a3 = v16::fma(v16::load_i8(q + j + 48), v16::load(x + j + 48), a3);
+  }
+  float s = v16::reduce_add(v16::add(v16::add(a0, a1), v16::add(a2, a3)));
+  for (; j < k; ++j) s += float(q[j]) * x[j];
+  return s;
+}
+
+void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* out) {
+  for (int64_t o = 0; o < n; o += 16) {
+    const uint16_t* b = b16 + o * r;  // this block: (r, 16)
+    v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t c = 0;
+    for (; c + 4 <= r; c += 4) {
+      a0 = v16::fma(v16::load_bf16(b + c * 16), v16::set1(xa[c]), a0);
+      a1 = v16::fma(v16::load_bf16(b + c * 16 + 16), v16::set1(xa[c + 1]), a1);
+      a2 = v16::fma(v16::load_bf16(b + c * 16 + 32), v16::set1(xa[c + 2]), a2);
+      a3 = v16::fma(v16::load_bf16(b + c * 16 + 48), v16::set1(xa[c + 3]), a3);
+    }
+    for (; c < r; ++c) a0 = v16::fma(v16::load_bf16(b + c * 16), v16::set1(xa[c]), a0);
+    v16::store_upto(out + o, v16::add(v16::add(a0, a1), v16::add(a2, a3)), n - o);
+  }
+}
+
+}  // namespace qlora::gemv
+
+#endif  // !QLORA_GEMV_BF16
