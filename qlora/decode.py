@@ -17,6 +17,12 @@ each projection, rotary, activations, residual adds, logits), with three differe
 match the model's own forward to a tolerance, not bit for bit (tests/test_decode.py): the same
 distance as between qlora's fused 4-bit kernel and dequantize-then-matmul.
 
+A model loaded in fp32 (`--compute-dtype auto` on a CPU without native bf16) decodes through the
+same step: the 4-bit codes are read as they are, its embeddings, norms and head are used as bf16
+copies made once per plan, and the prompt's fp32 keys and values enter the bf16 cache. A token's
+products still sum in fp32; activations are rounded to bf16 between ops, so the logits sit within
+bf16 rounding of the fp32 forward (tested) — and a token costs what it costs a bf16 model.
+
 Prefill stays the model's forward (many tokens: its matmuls are the right tool); its cache is
 copied into ours. `decoder()` returns None for anything this does not cover, and generate.py keeps
 using the model's own forward; QLORA_DECODE=model forces that everywhere (debugging, comparisons).
@@ -36,6 +42,7 @@ from .quant.decoding import DecodeLinears, Llama, block_keys, int8_screen, unblo
 
 _ARCHS = ("llama",)
 _ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at init ("dynamic" changes with length)
+_DTYPES = (torch.bfloat16, torch.float32)  # compute dtypes decoded (an fp32 model through bf16 copies)
 
 
 class Plan:
@@ -49,15 +56,16 @@ class Plan:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = 1 / math.sqrt(self.head_dim)  # LlamaAttention.scaling
         self.eps = float(body.norm.variance_epsilon)
-        self.embed, self.norm = body.embed_tokens.weight.detach(), body.norm.weight.detach()
+        bf16 = _Bf16Copies()  # an fp32 model's embeddings, norms and head as bf16 (a bf16 model's as they are)
+        self.embed, self.norm = bf16(body.embed_tokens.weight), bf16(body.norm.weight)
         self.rotary = body.rotary_emb
         head = model.lm_head
-        self.head = DecodeLinears([_spec(head)]) if isinstance(head, Linear4bit) else head.weight.detach()
-        self.screen = _head_screen(model, self.head) if isinstance(self.head, torch.Tensor) else None
+        self.head = DecodeLinears([_spec(head)]) if isinstance(head, Linear4bit) else bf16(head.weight)
+        self.screen = _head_screen(model, head.weight, self.head) if isinstance(self.head, torch.Tensor) else None
         self.layers = []  # per layer: (norm1, norm2, qkv, o, gate_up, down)
         for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+            self.layers.append((bf16(layer.input_layernorm.weight), bf16(layer.post_attention_layernorm.weight),
                                 DecodeLinears([_spec(a.q_proj), _spec(a.k_proj), _spec(a.v_proj)]),
                                 DecodeLinears([_spec(a.o_proj)]), DecodeLinears([_spec(m.gate_proj), _spec(m.up_proj)]),
                                 DecodeLinears([_spec(m.down_proj)])))
@@ -130,13 +138,30 @@ class Decoder:
         return F.linear(x, p.head).float()
 
 
-def _head_screen(model, head: torch.Tensor) -> tuple:
-    """Greedy steps read an int8 copy of a bf16 head (half its bytes), and exact rows only where that
-    copy cannot decide (decoding.int8_screen: the argmax stays exact). Built once per head (0.6 s for
-    SmolLM2's 49152 x 576), kept apart from the Plan: a new adapter does not change the head."""
+class _Bf16Copies:
+    """Detached bf16 views of a model's tensors: a bf16 tensor as it is, an fp32 one converted once
+    (tied embeddings and head are one tensor, so one copy)."""
+
+    def __init__(self):
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return t
+        where = (t.data_ptr(), tuple(t.shape), t.stride())  # not id(): detach() makes a new object each time
+        if where not in self.made:
+            self.made[where] = t.to(torch.bfloat16).contiguous()
+        return self.made[where]
+
+
+def _head_screen(model, weight: torch.Tensor, head: torch.Tensor) -> tuple:
+    """Greedy steps read an int8 copy of the bf16 head (half its bytes), and exact rows only where that
+    copy cannot decide (decoding.int8_screen: the argmax stays exact). Built once per head weight (0.6 s
+    for SmolLM2's 49152 x 576), kept apart from the Plan: a new adapter does not change the head."""
     cached = getattr(model, "_qlora_head_screen", None)
-    if cached is None or cached[0] != _version(head):
-        cached = (_version(head), int8_screen(head))
+    if cached is None or cached[0] != _version(weight):
+        cached = (_version(weight), int8_screen(head))
         model._qlora_head_screen = cached
     return cached[1]
 
@@ -171,7 +196,7 @@ def decoder(model, capacity: int) -> Decoder | None:
 
 
 def supported(model) -> bool:
-    """Whether `decoder` covers this model: a llama-family bf16 model whose projections are all
+    """Whether `decoder` covers this model: a llama-family bf16 or fp32 model whose projections are all
     4-bit (with at most one live, dropout-free LoRA each) in a layout the kernels take, on CPU."""
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in _ARCHS or getattr(cfg, "hidden_act", None) != "silu":
@@ -183,13 +208,13 @@ def supported(model) -> bool:
     if rope not in _ROPE_TYPES or body is None or not hasattr(body, "layers"):
         return False
     embed = body.embed_tokens.weight
-    if embed.dtype != torch.bfloat16 or embed.device.type != "cpu" or kernels.cpu_kernels(embed) is None:
+    if embed.dtype not in _DTYPES or embed.device.type != "cpu" or kernels.cpu_kernels(embed) is None:
         return False
     head = model.lm_head
     if isinstance(head, Linear4bit):
         if _spec(head) is None or head.bias is not None:
             return False
-    elif not (type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.bfloat16):
+    elif not (type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype in _DTYPES):
         return False
     return all(_spec(lin) is not None for layer in body.layers for lin in (
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
@@ -213,13 +238,13 @@ def _version(t: torch.Tensor | None):
 
 
 def _spec(module) -> dict | None:
-    """The kernel's description of a (LoRA over a) 4-bit bf16 linear, or None if it is not one."""
+    """The kernel's description of a (LoRA over a) 4-bit bf16/fp32 linear, or None if it is not one."""
     lora = None
     if isinstance(module, LoRALinear):
         if module.training and module.dropout > 0:
             return None
         lora, module = module, module.base
-    if not isinstance(module, Linear4bit) or module.compute_dtype != torch.bfloat16:
+    if not isinstance(module, Linear4bit) or module.compute_dtype not in _DTYPES:
         return None
     q = module.weight
     if not DecodeLinears.supports(q.shape, q.blocksize):

@@ -20,8 +20,9 @@ PROMPT = "Once upon a time, in a land far away"
 
 
 @pytest.fixture(scope="module")
-def sharp(tmp_path_factory):
-    """A tiny llama with weights large enough for a varied greedy sequence, plus an adapter."""
+def sharp_dirs(tmp_path_factory):
+    """(model dir, adapter dir): a tiny llama with weights large enough for a varied greedy
+    sequence, and an adapter."""
     root = tmp_path_factory.mktemp("decode")
     model = tiny_model("llama")
     with torch.no_grad():
@@ -36,7 +37,13 @@ def sharp(tmp_path_factory):
     for layer in hf.lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
     hf.save_adapter(net, str(root / "adapter"), model_dir)
-    return load_model(model_dir, [str(root / "adapter")])
+    return model_dir, str(root / "adapter")
+
+
+@pytest.fixture(scope="module")
+def sharp(sharp_dirs):
+    """That model in bf16 with the adapter live."""
+    return load_model(sharp_dirs[0], [sharp_dirs[1]])
 
 
 def _teacher_forced(model, ids, n):
@@ -68,6 +75,18 @@ def test_logits_match_the_models_forward(sharp):
     assert (fast != ref).float().mean() <= 0.02
     assert max((fast - ref).abs().max() for _, fast, ref in rows) <= 0.03 * scale
     assert all(torch.equal(fast, fast.bfloat16().float()) for _, fast, _ in rows)  # bf16 logits, as the model's
+
+
+def test_fp32_model_decodes_through_the_step_within_bf16_rounding(sharp_dirs):
+    """`--compute-dtype auto` loads fp32 where the CPU has no native bf16: its tokens take the step
+    too, through bf16 copies of embeddings, norms and head (the model's own stay fp32)."""
+    model, tok = load_model(sharp_dirs[0], [sharp_dirs[1]], compute_dtype="float32")
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and decode.supported(model)
+    rows = _teacher_forced(model, tok(PROMPT)["input_ids"], 40)
+    scale = max(hf_logits.abs().max() for hf_logits, _, _ in rows)
+    assert max((hf_logits - fast).abs().max() for hf_logits, fast, _ in rows) <= 0.03 * scale
+    assert max((fast - ref).abs().max() for _, fast, ref in rows) <= 0.03 * scale
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the copies are the plan's own
 
 
 def test_greedy_step_is_the_argmax_of_the_logits(sharp):
