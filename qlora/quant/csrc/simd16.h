@@ -78,6 +78,7 @@ template <int D> inline void store_upto(void* out, int64_t i, F16 v, int64_t n) 
 inline F16 load_upto(const float* x, int64_t n) { return load_upto<0>(x, 0, n); }
 inline F16 load_bf16_upto(const uint16_t* x, int64_t n) { return load_upto<2>(x, 0, n); }
 inline void store_upto(float* out, F16 v, int64_t n) { store_upto<0>(out, 0, v, n); }
+inline void store_bf16_upto(uint16_t* out, F16 v, int64_t n) { store_upto<2>(out, 0, v, n); }
 
 }  // namespace v16
 }  // namespace
