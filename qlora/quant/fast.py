@@ -230,6 +230,7 @@ class CpuKernels:
         lib.qlora_decode_linear.argtypes = [p, i64, p, p]
         lib.qlora_gemv_bf16.argtypes = [p, i64, i64, p, p, i32]
         lib.qlora_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p]
+        lib.qlora_exp.argtypes = [p, i64]
         lib.qlora_llama_step.argtypes = [p, i64, i64, p]
         lib.qlora_llama_step.restype = i32
         lib.qlora_llama_greedy.argtypes = [p, i64, i64]
@@ -390,6 +391,14 @@ class CpuKernels:
         self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, length,
                                          heads, kv, d, scale, out.data_ptr())
         return out
+
+    def exp_(self, x: torch.Tensor) -> torch.Tensor:
+        """x = exp(x) in place for a contiguous fp32 tensor: the decode step's exp (softmax, SiLU),
+        common.h's polynomial (~1 ulp); the tests compare builds with it."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"exp_: expected a contiguous float32 tensor, got {x.dtype}")
+        self._lib.qlora_exp(x.data_ptr(), x.numel())
+        return x
 
     def llama_step(self, model, token: int, pos: int, logits: torch.Tensor) -> torch.Tensor:
         """One decode step of a described llama model (a decoding.Llama): logits (vocab,) fp32 holding
