@@ -34,7 +34,9 @@
 extern "C" {
 int qlora_simd(void);
 int qlora_gemv_simd(void);
-const char* qlora_isa(void) __attribute__((weak));  // newer sources only: null where absent
+// newer sources only: null where absent
+const char* qlora_isa(void) __attribute__((weak));
+void qlora_exp(float* x, int64_t n) __attribute__((weak));
 int64_t qlora_quantize_4bit(const void* x, int dtype, int64_t n, int64_t bs, const float* bounds,
                             const uint8_t* order, uint8_t* packed, float* absmax, int nthreads);
 void qlora_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
@@ -232,6 +234,11 @@ void run(const Call& c, Outputs& out) {
       volatile float v = x[i];  // a real call each time, no constant folding
       e[i] = std::exp(float(v)), l[i] = std::log(float(v)), s[i] = std::sqrt(float(v));
     }
+  } else if (op == "exp") {  // the kernels' own exp (qlora_exp, in place)
+    const int64_t n = a.i();
+    const float* x = a.need<float>(size_t(n) * 4);
+    float* y = out.add<float>(qlora_exp ? "out:f32" : "absent:u8", qlora_exp ? size_t(n) * 4 : 0);
+    if (qlora_exp) std::memcpy(y, x, size_t(n) * 4), qlora_exp(y, n);
   } else if (op == "quantize_4bit") {
     const int64_t dtype = a.i(), n = a.i(), bs = a.i();
     const void* x = a.need(size_t(n) * dtype_size(dtype));

@@ -196,6 +196,13 @@ def make_calls() -> Calls:
                        torch.exp2(torch.rand(1 << 14, generator=g) * 260 - 130)])
     c.add("libm", [probe.numel()], [], [probe])
 
+    # the kernels' exp (qlora_exp): every bf16 value, fp32 over its range and beyond, ragged tails
+    xs = torch.cat([_bf16_all().float(), torch.rand(1 << 17, generator=g) * 220 - 115,
+                    torch.tensor([88.72283, 88.72284, -87.33655, -103.97208, -104.0, 89.0, 0.0, -0.0, 1e-45])])
+    c.add(f"exp/n={xs.numel()}", [xs.numel()], [], [xs])
+    for n in (1, 15, 17, 33):
+        c.add(f"exp/n={n}", [n], [], [torch.randn(n, generator=g) * 30])
+
     # 4-bit quantize: every codebook, dtype, ragged sizes, finite and NaN/Inf inputs
     for qt in codebooks.QUANT_TYPES:
         bounds, order = fast._code4_tables(qt)
