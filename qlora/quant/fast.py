@@ -186,7 +186,7 @@ def _code4_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def _padded_lut8(code_key: tuple) -> torch.Tensor:
-    # the SIMD kernel gathers 32 bits at byte offset idx, so the table needs 3 spare bytes
+    # the AVX-512 kernel gathers 32 bits at byte offset idx, so the table needs 3 spare bytes
     lut = ref.lut8(torch.tensor(code_key, dtype=torch.float32))
     return torch.cat([lut, torch.zeros(4, dtype=torch.uint8)])
 

@@ -1,4 +1,5 @@
-"""The one-token decode kernels (csrc/decode_cpu.cpp) against float64 references, in both builds:
+"""The one-token decode kernels (csrc/decode_cpu.cpp, gemv*_cpu.cpp, attention_cpu.cpp) against float64
+references, in every build (conftest's k):
 a 4-bit linear with its LoRA branch equals x · dequantize(W, fp32)ᵀ + b + s·(x·Aᵀ)·Bᵀ with bf16 A
 and B up to fp32 summation order; the bf16 GEMV and the one-row attention likewise."""
 

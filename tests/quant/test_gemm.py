@@ -1,6 +1,7 @@
-"""matmul_4bit (csrc/quant_cpu.cpp qlora_gemm_4bit): x · Wᵀ straight from the 4-bit codes equals
-x · dequantize(W, fp32)ᵀ up to fp32 summation order, in both builds, with and without Double
-Quantization, for every row count the kernel groups (8, 4, 2, 1), whatever torch's thread count."""
+"""matmul_4bit (csrc/gemm4_cpu.cpp qlora_gemm_4bit): x · Wᵀ straight from the 4-bit codes equals
+x · dequantize(W, fp32)ᵀ up to fp32 summation order, in every build (conftest's k), with and
+without Double Quantization, for every row count the kernel groups (8, 4, 2, 1), whatever torch's
+thread count."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (fast.py, csrc/quant_cpu.cpp) equal the reference (blockwise.py) bit
-for bit: both builds (AVX-512 and portable scalar), every dtype, block size and quant type,
+"""The compiled CPU kernels (fast.py, csrc/quant4_cpu.cpp, quant8_cpu.cpp) equal the reference
+(blockwise.py) bit for bit: every build (conftest's k: native, which is AVX-512 where the CPU has it,
+AVX2 and portable scalar), every dtype, block size and quant type,
 odd and ragged element counts, and every value family including subnormals."""
 
 from __future__ import annotations

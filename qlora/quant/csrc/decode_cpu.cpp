@@ -87,7 +87,8 @@ using qlora::lanes::cpu_relax;
 thread_local std::vector<float> t_xa, t_delta;  // per thread (serve decodes on several)
 
 // W4 rows [o0, o1) of out = W4·x + bias + s·B(A·x), given xa = A·x.
-void linear_rows(const QloraDecodeLinear& L, const gemv::XIn* xin, const float* xa, int64_t o0, int64_t o1, float* out) {
+void linear_rows(const QloraDecodeLinear& L, const gemv::XIn* xin, const float* xa, int64_t o0, int64_t o1,
+                 float* out) {
   gemv::gemv4_range(L, xin, o0, o1, out);
   if (L.bias)
     for (int64_t o = o0; o < o1; ++o) out[o] += L.bias[o];

@@ -1,5 +1,5 @@
 // Seeded dropout on CPU, called from qlora/nn/dropout.py through ctypes (built into the same
-// library as quant_cpu.cpp; see qlora/quant/fast.py).
+// library as the other csrc/*.cpp; see qlora/quant/fast.py).
 //
 //   out[i] = keep(i) ? x[i] * scale : 0,   keep(i) = mix(i, seed) >= threshold
 //
@@ -29,7 +29,7 @@ inline uint32_t mix(uint32_t i, uint32_t seed) {
   return h;
 }
 
-constexpr int64_t kParallelMin = int64_t(1) << 21;  // as in quant_cpu.cpp: small calls stay on one thread
+constexpr int64_t kParallelMin = int64_t(1) << 21;  // as in quant.h: small calls stay on one thread
 
 #ifdef QLORA_AVX512
 // 16 lanes of the same arithmetic: mix() in 32-bit integer lanes, the bf16 rounding in integers

@@ -45,7 +45,8 @@ void gemm4_rows(const float* x, int64_t k, const uint8_t* packed, const float* a
     for (int m = 0; m < M; ++m) acc[m] = v16::zero();
     const int64_t row = o * k;
     for (int64_t j0 = 0; j0 < k; j0 += bs) {
-      const v16::F16 vs = v16::set1(block_scale(absmax, qabsmax, nested_absmax, code8, offset, nested_bs, (row + j0) / bs));
+      const float scale = block_scale(absmax, qabsmax, nested_absmax, code8, offset, nested_bs, (row + j0) / bs);
+      const v16::F16 vs = v16::set1(scale);
       for (int64_t j = j0; j < j0 + bs; j += 16) {
         const v16::F16 w = v16::mul(v16::unpack_natural(packed + (row + j) / 2, cb), vs);
         for (int m = 0; m < M; ++m) acc[m] = v16::fma(w, v16::load(x + m * k + j), acc[m]);

@@ -41,7 +41,7 @@ inline F16 exp(F16 x) {
   return mul(mul(p, pow2i(n1)), pow2i(sub(n, n1)));
 }
 
-// ---- by element type (quant_cpu's Dtype numbering: 0 fp32, 1 fp16, 2 bf16) ---------------------
+// ---- by element type (quant.h's Dtype numbering: 0 fp32, 1 fp16, 2 bf16) ------------------------
 
 template <int D> constexpr size_t kElemBytes = D == 0 ? 4 : 2;
 

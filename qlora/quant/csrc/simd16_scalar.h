@@ -127,7 +127,7 @@ template <int W> inline void lookup32(const uint8_t* p, const Planes<W>& t, uint
   }
 }
 
-// torch.bucketize over 15 sorted midpoints (quant_cpu's code4): the number of bounds b with
+// torch.bucketize over 15 sorted midpoints: the number of bounds b with
 // !(b >= s), found in 4 steps; a NaN passes every bound. Then sorted index -> code.
 struct Code4Search {
   const float* bounds;

@@ -1,5 +1,5 @@
 // RMSNorm and SwiGLU for training, forward and backward, bf16, called through ctypes from
-// qlora/nn/fused.py (same library as quant_cpu.cpp; see qlora/quant/fast.py); and the per-row
+// qlora/nn/fused.py (one library with the other csrc/*.cpp; see qlora/quant/fast.py); and the per-row
 // softmax cross-entropy of the chunked loss (qlora/nn/loss.py).
 //
 // transformers' LlamaRMSNorm runs six elementwise ops in fp32 and autograd keeps an fp32 copy of
@@ -31,7 +31,7 @@
 namespace {
 
 // Threads from this many elements up (torch's own elementwise grain is 32k; these run between torch ops
-// that use all threads anyway, unlike quant_cpu.cpp's layer-sized calls)
+// that use all threads anyway, unlike quant.h's layer-sized calls)
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 constexpr int64_t kChunk = int64_t(1) << 14;  // SwiGLU elements per work item (a multiple of 16)
 
