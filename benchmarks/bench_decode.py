@@ -2,7 +2,7 @@
 (+ PEFT for the adapter) on the same model, in the same run.
 
     python benchmarks/bench_decode.py [--adapter DIR] [--model DIR] [--new-tokens 128] [--repeats 3]
-                                      [--dtype bfloat16] [--threads N] [--forward-row] [--llama-cpp-threads 2]
+                                      [--dtype auto] [--threads N] [--forward-row] [--llama-cpp-threads 2]
 
 Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) after the same chat
 prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--adapter", help="PEFT-format adapter directory (default: none, the base alone)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="compute dtype of the models (default: auto, as `qlora generate`)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--llama-cpp-threads", type=int, default=2,
                     help="threads for the llama.cpp row (llama-cpp-python, when installed; GGUF models only)")
@@ -144,6 +145,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from machine import header
+
+    from qlora.precision import resolve
+
+    print(header(args.dtype))
+    args.dtype = resolve(args.dtype, "cpu", announce=False)
     dtype, n = getattr(torch, args.dtype), args.new_tokens
     adapters = [args.adapter] if args.adapter else []
     ours, tokenizer = load_model(args.model, adapters, "nf4", dtype)

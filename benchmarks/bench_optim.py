@@ -79,6 +79,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from machine import header
+
+    print(header())
     params = lora_params(args.rank)
     raw = [p for _, p in params]
     n = sum(p.numel() for p in raw)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 import qlora
-from qlora.quant import fast, kernels
+from qlora.quant import kernels
 
 
 Timing = tuple[float, float, float]  # seconds per call: CPU median, wall best, wall median
@@ -180,11 +179,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     (bnb_f, bnb_version), (to_nf4, ao_version) = peers()
-    k = fast.kernels()
-    kind = "unavailable" if k is None else "AVX-512" if k.simd else "portable"
+    from machine import header
+
+    print(header())
     print(f"{args.size}x{args.size} bf16; torch {torch.__version__}, bitsandbytes {bnb_version}, torchao {ao_version}; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; qlora kernels: {kind}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     w = torch.randn(args.size, args.size, dtype=torch.bfloat16) * 0.02
     shapes = [(args.size, args.size), (576, 576), (1536, 576)]
     rows = matrix_rows(w, bnb_f, to_nf4, args.min_time) + into_rows(shapes, bnb_f, to_nf4, args.min_time)

@@ -1,12 +1,16 @@
 """Training throughput and peak memory: qlora vs PEFT + bitsandbytes, same config, same run.
 
 Reference config (CPU performance issue): SmolLM2-135M, NF4 + DQ base, LoRA r 64, α 16 on all
-linear layers, batch 4 × 256 tokens, bf16 compute, no gradient checkpointing. Each contender runs
-in its own subprocess (peak RSS is per process). The roofline is measured in the same run: torch's
-bf16 matmul GFLOP/s on the model's own shapes, divided into the step's FLOPs per token. Last,
-qlora again with gradient checkpointing on, for the ratio of its step time to the plain one.
+linear layers, batch 4 × 256 tokens, no gradient checkpointing. qlora computes in --compute-dtype
+(default auto: bf16 where the CPU multiplies bf16 natively, else fp32); the peer, PEFT +
+bitsandbytes, runs in both fp32 and bf16 (its compute dtype is the user's choice), and the ratios
+are taken against its faster row: each contender at its fastest setting on this machine. Each
+contender runs in its own subprocess (peak RSS is per process). The roofline is measured in the
+same run: torch's matmul GFLOP/s in qlora's compute dtype on the model's own shapes, divided into
+the step's FLOPs per token. Last, qlora again with gradient checkpointing on.
 
-    python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--only qlora|qlora_gc|peft|roofline]
+    python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--compute-dtype auto|bfloat16|float32]
+                                     [--only qlora|qlora_gc|peft_fp32|peft_bf16|roofline]
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def batch_ids(vocab: int):
     return torch.randint(10, vocab - 10, (BATCH, SEQ), generator=g)
 
 
-def run_qlora(steps: int, warmup: int, checkpointing: bool = False) -> dict:
+def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False) -> dict:
     import torch
 
     from qlora import hf
@@ -57,7 +61,7 @@ def run_qlora(steps: int, warmup: int, checkpointing: bool = False) -> dict:
     from qlora.train import enable_gradient_checkpointing, loss_sum
 
     return_freed_memory()  # as `qlora train` does before loading
-    model, _ = hf.load(model_dir(), lora=dict(r=R, alpha=ALPHA, dropout=0.05))
+    model, _ = hf.load(model_dir(), compute_dtype=dtype, lora=dict(r=R, alpha=ALPHA, dropout=0.05))
     if checkpointing:  # as `qlora train --gradient-checkpointing` does
         enable_gradient_checkpointing(model)
     model.train()
@@ -77,14 +81,14 @@ def _qlora_step(model, batch, opt, loss_sum):
     opt.zero_grad()
 
 
-def run_peft(steps: int, warmup: int) -> dict:
+def run_peft(steps: int, warmup: int, dtype: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), quantization_config=bnb, dtype=torch.bfloat16)
+                             bnb_4bit_compute_dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), quantization_config=bnb, dtype=getattr(torch, dtype))
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # the usual QLoRA recipe
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -113,8 +117,8 @@ def _time_steps(step, steps: int, warmup: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def roofline() -> dict:
-    """bf16 matmul GFLOP/s on the model's shapes (forward and input-gradient GEMMs), and the
+def roofline(dtype: str) -> dict:
+    """Matmul GFLOP/s in `dtype` on the model's shapes (forward and input-gradient GEMMs), and the
     FLOPs per token of one training step (forward + backward, frozen base, LoRA r on all linears)."""
     import torch
     from transformers import AutoConfig
@@ -126,9 +130,9 @@ def roofline() -> dict:
     T = BATCH * SEQ
     flops_gemm, secs = 0.0, 0.0
     for fan_in, fan_out in linears + [(h, V)]:
-        x = torch.randn(T, fan_in, dtype=torch.bfloat16)
-        w = torch.randn(fan_out, fan_in, dtype=torch.bfloat16)
-        g = torch.randn(T, fan_out, dtype=torch.bfloat16)
+        x = torch.randn(T, fan_in, dtype=getattr(torch, dtype))
+        w = torch.randn(fan_out, fan_in, dtype=getattr(torch, dtype))
+        g = torch.randn(T, fan_out, dtype=getattr(torch, dtype))
         for _ in range(2):
             x @ w.t(), g @ w
         reps = 5
@@ -149,41 +153,63 @@ def roofline() -> dict:
     return {"matmul_gflops": gflops, "mflop_per_token": per_token / 1e6, "roofline_tokens_per_s": gflops * 1e9 / per_token}
 
 
+def run(name: str, steps: int, warmup: int, dtype: str) -> dict:
+    if name == "roofline":
+        return roofline(dtype)
+    if name.startswith("peft_"):
+        return run_peft(steps, warmup, {"peft_fp32": "float32", "peft_bf16": "bfloat16"}[name])
+    return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc")
+
+
+LABELS = {"qlora": "qlora", "peft_fp32": "peft + bnb, fp32", "peft_bf16": "peft + bnb, bf16", "qlora_gc": "qlora, grad ckpt"}
+
+
 def main() -> None:
+    from machine import header
+
+    from qlora.precision import CHOICES, resolve
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", choices=["qlora", "qlora_gc", "peft", "roofline"])
+    ap.add_argument("--compute-dtype", default="auto", choices=CHOICES, help="qlora's compute dtype (default: auto)")
+    ap.add_argument("--only", choices=["qlora", "qlora_gc", "peft_fp32", "peft_bf16", "roofline"])
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    dtype = resolve(a.compute_dtype, "cpu", announce=False)
     if a.only:
-        fn = {"qlora": run_qlora, "qlora_gc": lambda s, w: run_qlora(s, w, checkpointing=True), "peft": run_peft}.get(a.only)
-        res = roofline() if a.only == "roofline" else fn(a.steps, a.warmup)
-        print(json.dumps(res))
+        print(json.dumps(run(a.only, a.steps, a.warmup, dtype)))
         return
+    print(header(a.compute_dtype))
     model_dir()
     results = {}
-    for name in ("roofline", "qlora", "peft", "qlora_gc"):
-        r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup", str(a.warmup)],
-                           capture_output=True, text=True)
+    for name in ("roofline", "qlora", "peft_fp32", "peft_bf16", "qlora_gc"):
+        r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup", str(a.warmup),
+                            "--compute-dtype", dtype], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-1500:]}")
             continue
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    report(results, dtype)
+
+
+def report(results: dict, dtype: str) -> None:
     roof = results.get("roofline", {})
-    print(f"config: SmolLM2-135M NF4+DQ, LoRA r{R} a{ALPHA} all linear, batch {BATCH}x{SEQ}, bf16, no grad ckpt, {os.cpu_count()} cores")
+    print(f"config: SmolLM2-135M NF4+DQ, LoRA r{R} a{ALPHA} all linear, batch {BATCH}x{SEQ}, qlora in {dtype}, "
+          f"no grad ckpt, {os.cpu_count()} cores, load avg after {os.getloadavg()[0]:.1f}")
     if roof:
-        print(f"bf16 matmul on the model's shapes: {roof['matmul_gflops']:.0f} GFLOP/s; step cost "
+        print(f"{dtype} matmul on the model's shapes: {roof['matmul_gflops']:.0f} GFLOP/s; step cost "
               f"{roof['mflop_per_token']:.0f} MFLOP/token -> roofline {roof['roofline_tokens_per_s']:.0f} tokens/s")
-    print(f"{'':18}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}")
-    labels = {"qlora": "qlora", "peft": "peft + bnb", "qlora_gc": "qlora, grad ckpt"}
-    for name in ("qlora", "peft", "qlora_gc"):
+    print(f"{'':20}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}")
+    for name in ("qlora", "peft_fp32", "peft_bf16", "qlora_gc"):
         if name in results:
             r = results[name]
-            print(f"{labels[name]:18}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}")
-    if "qlora" in results and "peft" in results:
-        q, p = results["qlora"], results["peft"]
-        print(f"qlora / peft+bnb: throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
+            print(f"{LABELS[name]:20}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}")
+    peers = [n for n in ("peft_fp32", "peft_bf16") if n in results]
+    if "qlora" in results and peers:
+        best = max(peers, key=lambda n: results[n]["tokens_per_s"])
+        q, p = results["qlora"], results[best]
+        print(f"qlora / peft+bnb at its fastest ({LABELS[best]}): throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
               f"peak RSS {q['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
     if "qlora" in results and "qlora_gc" in results:
         print(f"gradient checkpointing: step time {results['qlora_gc']['step_s'] / results['qlora']['step_s']:.2f}x "
