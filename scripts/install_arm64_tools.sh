@@ -41,9 +41,10 @@ APT=("${SUDO[@]}" apt-get -qq -o Dpkg::Use-Pty=0 -o DPkg::Lock::Timeout=300)
 
 # A package is installable from the current lists when apt-cache shows a candidate for it.
 candidates_known() {
-  local p
+  local p policy
   for p in "${PACKAGES[@]}"; do
-    apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || return 1
+    policy=$(apt-cache policy "$p" 2>/dev/null || true)  # no pipe into grep -q: SIGPIPE under pipefail
+    [[ $policy == *"Candidate: "[0-9]* ]] || return 1
   done
 }
 
