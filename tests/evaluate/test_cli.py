@@ -96,7 +96,7 @@ def test_datatypes_table_plot_and_bits(tiny_dir, files, tmp_path, capsys):
     rc, stdout, _ = _run(["datatypes", "--model", tiny_dir, "--datatypes", "bf16,nf4+dq,int4@128", "--data",
                           str(files / "text.txt"), "--max-tokens", "96", "--window", "32", "--tasks",
                           str(files / "mc.jsonl"), "--limit", "2", "--plot", str(png), "--markdown", str(md),
-                          "--output", str(out)], capsys)
+                          "--output", str(out), "--dtype", "bf16"], capsys)  # the 16-bit baseline row: 16 bits
     rows = {r["datatype"]: r for r in json.loads(out.read_text())["rows"]}
     assert rc == 0 and png.stat().st_size > 1000 and md.read_text().startswith("| data type |")
     base, _ = hf.load(tiny_dir, quant_type="bf16")
