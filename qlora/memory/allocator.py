@@ -9,8 +9,15 @@ mmap/munmap and fresh zeroed pages per tensor above it, i.e. page faults. With g
 128 KiB fixed, the demo's training step (batch 8 x ~80 tokens) took 938k minor faults and 2.1 s of
 system time per step: 170 tokens/s and 1570 MB peak RSS, against 234 tokens/s and 1898 MB with
 glibc's dynamic threshold. At 1 / 4 / 16 MiB fixed: 269 / 251 / 277 tokens/s, 1850 / 1873 / 1868 MB,
-90k / 35k / 38k faults per step. 4 MiB keeps most of the speed and RSS stays bounded and close to
-the estimate (the big activations of long sequences still go back to the system).
+90k / 35k / 38k faults per step.
+
+1 MiB, not 4: with fp32 compute (`auto` on CPUs without native bf16) tensors are twice as big, and
+at SmolLM2's sizes most fell between 1 and 4 MiB (batch 2 x 256: 1.2 MB per hidden state, 3.1 MB
+per MLP half; 1.3-3.5 MB per fp32 weight while a GGUF loads), so on the heap. glibc kept the freed
+space without reusing it: after loading 283-296 MiB of the heap was free, at the second step's peak
+470-580 MiB, and peak RSS reached 1725-1991 MiB (estimate 1516). At 1 MiB: 2-24 MiB free after
+loading, 42-66 MiB at the peak, 1339-1400 MiB peak RSS, for 0.3-0.5 s more system time (1.0M instead
+of 0.05-0.2M minor faults) per fp32 step of 41-56 s CPU time here.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import ctypes.util
 import functools
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-MMAP_THRESHOLD = 4 * 2**20  # fixed (see the module docstring for the measurements behind it)
+MMAP_THRESHOLD = 2**20  # fixed (see the module docstring for the measurements behind it)
 
 
 @functools.cache

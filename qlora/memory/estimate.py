@@ -43,7 +43,8 @@ DEQUANT_COPIES = 2
 LOAD_BYTES_PER_PARAM_GGUF = 4  # + the compute dtype
 # The loss through a frozen head (qlora.nn.loss) works on LOSS_CHUNK_TOKENS target positions at a
 # time: their logits in the compute dtype and in fp32 (softmax in place; on CPU in bf16 the compiled
-# per-row pass needs no fp32 copy), plus tanh's output for a softcapped head; it keeps dL/dh for
+# per-row pass needs no fp32 copy, and fp32 logits are their own fp32 copy unless softcapped),
+# plus tanh's output for a softcapped head; it keeps dL/dh for
 # every target (compute dtype). A quantized head takes the
 # plain path: fp32 logits (4 bytes/vocab entry), cross-entropy's fp32 log-softmax (4), and in
 # backward the incoming gradient and the result at once (4 + 4 + 4).
@@ -216,7 +217,7 @@ def _attention_bytes(arch: Arch, s: Settings) -> int:
     an fp32 logsumexp per head; with grouped-query attention k and v are repeated to all heads (a
     free view for a single kv head) and the padding mask row is saved whenever a batch has padding
     (counted always). Eager saves q, k, v and the fp32 softmax plus its
-    compute-dtype copy (T scores per head). GPT-2 keeps its softmax in the compute dtype and drops
+    compute-dtype copy (T scores per head; one tensor when the compute dtype is fp32). GPT-2 keeps its softmax in the compute dtype and drops
     out attention probabilities in training (noise and result saved); on CPU, SDPA with dropout
     falls back to the math path, which saves all of that in fp32."""
     c, q, T = s.c, arch.heads * arch.head_dim, s.seq_len
@@ -226,8 +227,8 @@ def _attention_bytes(arch: Arch, s: Settings) -> int:
             return 3 * c * q + scores * c * arch.heads * T
         if arch.dropout > 0 and s.device == "cpu":
             return 3 * 4 * q + scores * 4 * arch.heads * T
-    elif s.attention == "eager":
-        return 3 * c * q + (4 + c) * arch.heads * T
+    elif s.attention == "eager":  # in fp32 the softmax's cast to the compute dtype is the softmax itself
+        return 3 * c * q + (4 + (c if c != 4 else 0)) * arch.heads * T
     kv = (arch.heads if arch.kv_heads > 1 else 1) * arch.head_dim
     return 2 * c * q + 2 * c * kv + 4 * arch.heads + c * T
 
@@ -309,8 +310,9 @@ def _loss_bytes(arch: Arch, s: Settings) -> int:
     targets = s.batch_size * s.targets_per_seq
     if s.quantize_head:
         return LOSS_BYTES_PER_VOCAB * arch.vocab * targets
-    compiled = s.device == "cpu" and s.c == 2 and not arch.softcap  # nn.loss's per-row pass: no fp32 copy
-    per_vocab = s.c + (0 if compiled else 4 + 4 * arch.softcap)
+    compiled = s.device == "cpu" and s.compute_dtype == "bfloat16" and not arch.softcap  # nn.loss's per-row pass
+    fp32_logits = s.compute_dtype == "float32" and not arch.softcap  # the matmul's own buffer is the fp32 one
+    per_vocab = s.c + (0 if compiled or fp32_logits else 4 + 4 * arch.softcap)
     return min(targets, LOSS_CHUNK_TOKENS) * arch.vocab * per_vocab + targets * arch.hidden * s.c
 
 
