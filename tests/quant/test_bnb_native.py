@@ -30,9 +30,7 @@ import torch
 
 from .helpers import FAMILIES, assert_bits_equal, bits, bnb_canonical, bnb_default_op, sample
 
-# Register in pyproject.toml's [tool.pytest.ini_options] markers:
-#   "bnb_native: informative: bitsandbytes' native CPU kernels vs its PyTorch definition here (passes on any ISA)",
-pytestmark = pytest.mark.bnb_native
+pytestmark = pytest.mark.bnb_native  # registered in pyproject.toml; -m bnb_native -rP shows the table
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
