@@ -134,14 +134,17 @@ def test_bf16_logits_are_transformers_logits(bf16_model, monkeypatch):
 
 @pytest.mark.slow
 def test_nf4_dq_logits_are_bitsandbytes_logits(bf16_model):
+    import copy
+
     import torch
 
+    from qlora import hf
     from qlora.nn import fused
 
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _, tokenizer, path = bf16_model
+    model, tokenizer, path = bf16_model
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, quantization_config=config,
@@ -150,7 +153,10 @@ def test_nf4_dq_logits_are_bitsandbytes_logits(bf16_model):
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False  # dequantize + matmul, not the fused CPU kernel
     fused.fuse(ref)  # the same RMSNorm / SwiGLU as hf.load gives ours: the 4-bit layers are compared
-    ours, _ = _load("nf4+dq")
+    # hf.load("nf4", double_quant=True) of the GGUF, from the bf16 model it has already loaded (loading
+    # the GGUF and its tokenizer again costs ~30 s): the same quantize_model call on the same weights
+    ours = hf.quantize_model(copy.deepcopy(model), quant_type="nf4", blocksize=64, double_quant=True,
+                             compute_dtype=torch.bfloat16)
     ids = _wikitext_ids(tokenizer, 256)[None]
     with torch.inference_mode(), bnb_canonical():  # bitsandbytes' dequantize as defined, on any CPU
         assert torch.equal(ours(ids).logits, ref(ids).logits)
