@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "decode.h"  // struct QloraDecodeLinear
+#include "decode.h"  // QloraDecodeLinear, QloraLlamaLayer, QloraLlama
 
 // The library's entry points (their definitions: qlora/quant/csrc/*.cpp; fast.py's argtypes).
 extern "C" {
@@ -68,32 +68,6 @@ void qlora_decode_attention(const float* q, const uint16_t* keys, const uint16_t
 int64_t qlora_argmax_gemv_bf16(const uint16_t* w, const int8_t* q, const float* scale, const float* err, int64_t n,
                                int64_t k, const uint16_t* x);
 
-// Mirrors of llama_cpu.cpp's structs (as qlora/quant/decoding.py mirrors them).
-struct QloraLlamaLayer {
-  const uint16_t* norm1;
-  const uint16_t* norm2;
-  const QloraDecodeLinear* qkv;
-  const QloraDecodeLinear* o;
-  const QloraDecodeLinear* gate_up;
-  const QloraDecodeLinear* down;
-  uint16_t* keys;
-  uint16_t* values;
-};
-
-struct QloraLlama {
-  const QloraLlamaLayer* layers;
-  const uint16_t* embed;
-  const uint16_t* norm;
-  const uint16_t* head;
-  const QloraDecodeLinear* head_4bit;
-  const int8_t* head_q;
-  const float* head_scale;
-  const float* head_err;
-  const uint16_t* cos;
-  const uint16_t* sin;
-  int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity;
-  float eps, scale;
-};
 
 int qlora_llama_step(const QloraLlama* model, int64_t token, int64_t pos, float* logits);
 int64_t qlora_llama_greedy(const QloraLlama* model, int64_t token, int64_t pos);

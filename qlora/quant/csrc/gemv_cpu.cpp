@@ -71,17 +71,26 @@ const float* widen(const uint16_t* x, int64_t k) {
   return t_x16.data();
 }
 
-float dot16(const uint16_t* w, int64_t k, const float* x) {
-  v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
+// The whole 64-element steps of a row · x: four accumulators, a[i] takes elements 16i..16i+15 of
+// each step (the AVX-512 kernels' order); `load(j)` gives the row's 16 values from j as fp32.
+// Returns where the steps stopped.
+template <class Load>
+inline int64_t dot_steps(Load load, const float* x, int64_t k, v16::F16 a[4]) {
   int64_t j = 0;
-  for (; j + 64 <= k; j += 64) {
-    a0 = v16::fma(v16::load_bf16(w + j), v16::load(x + j), a0);
-    a1 = v16::fma(v16::load_bf16(w + j + 16), v16::load(x + j + 16), a1);
-    a2 = v16::fma(v16::load_bf16(w + j + 32), v16::load(x + j + 32), a2);
-    a3 = v16::fma(v16::load_bf16(w + j + 48), v16::load(x + j + 48), a3);
-  }
-  for (; j < k; j += 16) a0 = v16::fma(v16::load_bf16_upto(w + j, k - j), v16::load(x + j), a0);
-  return v16::reduce_add(v16::add(v16::add(a0, a1), v16::add(a2, a3)));
+  for (; j + 64 <= k; j += 64)
+    for (int i = 0; i < 4; ++i) a[i] = v16::fma(load(j + 16 * i), v16::load(x + j + 16 * i), a[i]);
+  return j;
+}
+
+inline float sum4(const v16::F16 a[4]) {
+  return v16::reduce_add(v16::add(v16::add(a[0], a[1]), v16::add(a[2], a[3])));
+}
+
+float dot16(const uint16_t* w, int64_t k, const float* x) {
+  v16::F16 a[4] = {v16::zero(), v16::zero(), v16::zero(), v16::zero()};
+  int64_t j = dot_steps([&](int64_t at) { return v16::load_bf16(w + at); }, x, k, a);
+  for (; j < k; j += 16) a[0] = v16::fma(v16::load_bf16_upto(w + j, k - j), v16::load(x + j), a[0]);
+  return sum4(a);
 }
 
 }  // namespace
@@ -113,15 +122,9 @@ void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* o
 float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen(x, k)); }
 
 float gemv8_row(const int8_t* q, int64_t k, const float* x) {
-  v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 64 <= k; j += 64) {
-    a0 = v16::fma(v16::load_i8(q + j), v16::load(x + j), a0);
-    a1 = v16::fma(v16::load_i8(q + j + 16), v16::load(x + j + 16), a1);
-    a2 = v16::fma(v16::load_i8(q + j + 32), v16::load(x + j + 32), a2);
-    a3 = v16::fma(v16::load_i8(q + j + 48), v16::load(x + j + 48), a3);
-  }
-  float s = v16::reduce_add(v16::add(v16::add(a0, a1), v16::add(a2, a3)));
+  v16::F16 a[4] = {v16::zero(), v16::zero(), v16::zero(), v16::zero()};
+  int64_t j = dot_steps([&](int64_t at) { return v16::load_i8(q + at); }, x, k, a);
+  float s = sum4(a);
   for (; j < k; ++j) s += float(q[j]) * x[j];
   return s;
 }

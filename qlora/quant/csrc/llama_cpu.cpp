@@ -19,35 +19,6 @@
 #include "common.h"
 #include "decode.h"
 
-extern "C" {
-// qlora/quant/decoding.py mirrors these two layouts.
-struct QloraLlamaLayer {
-  const uint16_t* norm1;                 // input_layernorm weight (hidden) bf16
-  const uint16_t* norm2;                 // post_attention_layernorm weight
-  const QloraDecodeLinear* qkv;          // q, k, v projections (3)
-  const QloraDecodeLinear* o;            // o_proj (1)
-  const QloraDecodeLinear* gate_up;      // gate, up (2)
-  const QloraDecodeLinear* down;         // down_proj (1)
-  uint16_t* keys;                        // (kv_heads, capacity / 16, head_dim, 16) bf16 (decode.h)
-  uint16_t* values;                      // (kv_heads, capacity, head_dim) bf16
-};
-
-struct QloraLlama {
-  const QloraLlamaLayer* layers;
-  const uint16_t* embed;                 // (vocab, hidden) bf16
-  const uint16_t* norm;                  // final norm weight
-  const uint16_t* head;                  // (vocab, hidden) bf16, or null: head_4bit
-  const QloraDecodeLinear* head_4bit;
-  const int8_t* head_q;                  // int8 screen of a bf16 head for greedy steps (argmax_gemv_bf16),
-  const float* head_scale;               //   per-row scales and error norms; null: no screen
-  const float* head_err;
-  const uint16_t* cos;                   // (capacity, head_dim) bf16, as the rotary module gives them
-  const uint16_t* sin;
-  int64_t n_layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, capacity;  // capacity % 16 == 0
-  float eps, scale;                      // RMSNorm epsilon; attention scale (head_dim^-0.5)
-};
-}
-
 namespace {
 
 
