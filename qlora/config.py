@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .errors import QloraError
-from .precision import ALIASES
+from .precision import spelled
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
@@ -159,7 +159,7 @@ def _coerce(key: str, value, tp):
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
-        value = ALIASES.get(value, value) if isinstance(value, str) else value  # bf16 -> bfloat16 ...
+        value = spelled(value) if isinstance(value, str) else value  # bf16 -> bfloat16 ...
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

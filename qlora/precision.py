@@ -30,9 +30,15 @@ CHOICES = ("auto", *NAMES)
 _announced: set[str] = set()
 
 
+def spelled(name: str) -> str:
+    """An alias in its canonical spelling ('bf16' -> 'bfloat16'); anything else as it is (argparse's
+    `type=` for flags whose `choices` then check it)."""
+    return ALIASES.get(name, name)
+
+
 def canonical(name: str) -> str:
     """'bf16' -> 'bfloat16' etc.; 'auto' stays; anything else raises QloraError naming the choices."""
-    name = ALIASES.get(name, name)
+    name = spelled(name)
     if name != "auto" and name not in NAMES:
         raise QloraError(f"dtype must be one of {', '.join(CHOICES)} (or {', '.join(ALIASES)}), got {name!r}")
     return name

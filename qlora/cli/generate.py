@@ -11,7 +11,7 @@ import typing
 from ..config import QuantType
 from ..errors import QloraError
 from ..generate import GenerationSettings
-from ..precision import ALIASES, CHOICES as DTYPE_CHOICES
+from ..precision import CHOICES as DTYPE_CHOICES, spelled
 
 QUANT_CHOICES = typing.get_args(QuantType)
 DTYPE_HELP = ("compute dtype of the matmuls; auto = bfloat16 where the hardware multiplies bf16 natively, "
@@ -21,7 +21,7 @@ DTYPE_HELP = ("compute dtype of the matmuls; auto = bfloat16 where the hardware 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     """--dtype (alias --compute-dtype), as `qlora train --compute-dtype`: auto, or a dtype name (bf16 etc. too)."""
     p.add_argument("--dtype", "--compute-dtype", dest="dtype", choices=DTYPE_CHOICES, default="auto",
-                   type=lambda v: ALIASES.get(v, v), help=DTYPE_HELP)
+                   type=spelled, help=DTYPE_HELP)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import TrainConfig, field_docs
-from ..precision import ALIASES
+from ..precision import spelled
 
 # flag -> TrainConfig field whose default and help text it shares (one copy of each)
 _SHARED = ("quant_type", "double_quant", "blocksize", "quantize_head", "compute_dtype", "lora_r", "lora_targets",
@@ -33,7 +33,7 @@ def register(sub) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         elif typing.get_origin(tp) is typing.Literal:
             p.add_argument(flag, choices=typing.get_args(tp), default=default, help=helptext,
-                           type=lambda v: ALIASES.get(v, v))
+                           type=spelled)
         else:
             kind = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
             p.add_argument(flag, type=kind, default=default, metavar=name.upper(), help=helptext)

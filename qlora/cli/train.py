@@ -7,7 +7,7 @@ import json
 import typing
 
 from ..config import TrainConfig, build_config, field_docs, load_yaml
-from ..precision import ALIASES
+from ..precision import spelled
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
             p.add_argument(flag, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
-                           type=(lambda v: ALIASES.get(v, v)) if choices else None)  # --compute-dtype bf16
+                           type=spelled if choices else None)  # --compute-dtype bf16
     p.set_defaults(func=run)
 
 
