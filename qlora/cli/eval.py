@@ -202,7 +202,8 @@ def _run_datatypes(args) -> int:
     text = read_text(args.data or str(data_dir() / "ppl" / "wikitext2_raw_test.txt"))
     # quantized from weights in the compute dtype, as `hf.load` does: each row equals `qlora eval perplexity`
     args.dtype = resolve(args.dtype, args.device)
-    base, tokenizer = hf.load(args.model, QuantSpec(UNQUANTIZED), compute_dtype=torch_dtype(args.dtype), device=args.device)
+    base, tokenizer = hf.load(args.model, QuantSpec(UNQUANTIZED), compute_dtype=torch_dtype(args.dtype),
+                              device=args.device)
     ids = tokenize(tokenizer, text, args.max_tokens or None)
     rows = D.study(base, tokenizer, dtypes, ids, tasks, args.window, args.adapters, torch_dtype(args.dtype),
                    args.batch_size, args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -21,7 +21,8 @@ def register(sub) -> None:
     add_model_args(p, adapter_help="PEFT-format adapter directory to merge (repeatable; exactly one for --format peft)",
                    dtype_default="bfloat16",
                    dtype_help="bnb: compute dtype and dtype of the unquantized tensors (default: bfloat16)")
-    p.add_argument("--quantize", choices=BNB_QUANT_TYPES, default=None, help="bnb: 4-bit type to write (default: the base's)")
+    p.add_argument("--quantize", choices=BNB_QUANT_TYPES, default=None,
+                   help="bnb: 4-bit type to write (default: the base's)")
     add_write_args(p)
     p.set_defaults(func=run)
 

@@ -82,7 +82,8 @@ def load_from(args, adapters: list[str] | None = None):
     adapters = list(args.adapters if adapters is None else adapters)
     device = getattr(args, "device", "cpu")
     args.dtype = resolve(args.dtype, device)
-    model, tokenizer = load_model(args.model, adapters, compute_dtype=args.dtype, device=device, **quant_overrides(args))
+    model, tokenizer = load_model(args.model, adapters, compute_dtype=args.dtype, device=device,
+                                  **quant_overrides(args))
     extra = f" + {len(adapters)} adapter(s)" if adapters else ""
     print(f"loaded {model.qlora_source} ({quant_of(model).name}{extra}, {args.dtype})", file=sys.stderr, flush=True)
     return model, tokenizer

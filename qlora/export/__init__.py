@@ -16,18 +16,12 @@ from ..errors import QloraError
 from ..generate import load_model
 from ..precision import name_of, torch_dtype
 from ..quant.spec import QuantSpec
-from .bnb import save_quantized
 from .files import MAX_SHARD_BYTES
 
 EXPORT_FORMATS = ("bnb", "gguf-f16", "gguf-q8_0", "peft")
 REPORT_FILE = "requantization_report.json"
 # Where the embedded default GGUF comes from: what PEFT should load as the adapter's base.
 DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def _load(model: str | None, adapters, dtype: torch.dtype, quant: dict):
-    """generate.load_model; `quant`: the base's quant_type/blocksize/double_quant (None: as recorded)."""
-    return load_model(model, list(adapters), compute_dtype=dtype, **quant)
 
 
 def merge(model: str | None, adapters, out: str, dtype: str = "bfloat16", quantize: str | None = None,
@@ -46,7 +40,7 @@ def merge(model: str | None, adapters, out: str, dtype: str = "bfloat16", quanti
         return _write_requantized(model, adapters, quant, out, quantize, compute, eval_text, max_shard_bytes, overwrite)
     from .merged import write_merged
 
-    net, tokenizer = _load(model, adapters, compute, quant)
+    net, tokenizer = load_model(model, list(adapters), compute_dtype=compute, **quant)
     write_merged(net, tokenizer, out, compute, max_shard_bytes, overwrite)
     return {"output": str(out), "format": "transformers", "dtype": name_of(compute)}
 
@@ -59,7 +53,7 @@ def _write_requantized(model, adapters, quant: dict, out, target: str | None, co
     from .bnb import check_bnb_type, write_4bit
     from .requant import EVAL_TEXT, requantize_with_report, upcast
 
-    net, tokenizer = _load(model, adapters, compute, quant)
+    net, tokenizer = load_model(model, list(adapters), compute_dtype=compute, **quant)
     upcast(net)
     spec = quant_of(net)  # the base's 4-bit settings, or QLoRA's defaults for an unquantized base
     spec = spec if spec.quantized else QuantSpec()
@@ -91,7 +85,7 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
     if not str(out).endswith(".gguf"):
         raise QloraError(f"{out}: a GGUF export is one file; give --output-dir a path ending in .gguf")
     # fp32 keeps the source's own precision for the norms and embeddings that GGUF stores in f32/f16
-    net, tokenizer = _load(model, adapters, torch.float32, quant)
+    net, tokenizer = load_model(model, list(adapters), compute_dtype=torch.float32, **quant)
     directory, gguf_file = resolve(model)
     source = str(Path(directory) / gguf_file) if gguf_file else None
     write_gguf(net, tokenizer, out, fmt.removeprefix("gguf-"), overwrite, source)
@@ -107,7 +101,7 @@ def export_peft(model: str | None, adapters, out: str, overwrite: bool = False, 
     if len(adapters) != 1:
         raise QloraError(f"--format peft exports exactly one --adapter, got {len(adapters)}")
     cfg, _ = read_adapter(adapters[0])
-    net, _ = _load(model, adapters, torch.bfloat16, quant or {})
+    net, _ = load_model(model, list(adapters), compute_dtype=torch.bfloat16, **(quant or {}))
     with staged_dir(out, overwrite) as tmp:  # live layers have dropout 0: keep the one it was trained with
         save_adapter(net, str(tmp), model or DEFAULT_HUB_NAME, dropout=float(cfg.get("lora_dropout", 0.0)))
     return {"output": str(out), "format": "peft", "layers": len(lora_layers(net))}
