@@ -71,6 +71,8 @@ def quantized_copy(base, dtype: QuantSpec, compute_dtype: torch.dtype):
     net = copy.deepcopy(base)
     if dtype.quantized:
         quantize_model(net, dtype, compute_dtype)
+    else:  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+        net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
 
