@@ -12,7 +12,7 @@ The checkpoint: bf16 safetensors shards (<= --shard-gb each) written tensor by t
 generator holds one random pool, never a shard or the model. Matrices are N(0, 0.02²); each one is
 a window at a random offset into a pool of 2^27 N(0, 0.02²) values (drawing 32.5B fresh normals
 would take most of an hour on 2 cores, and neither the 4-bit load nor a training step depends on
-the values' independence). Norm weights are 1. The byte-level tokenizer of qlora.tiny (ids < 260)
+the values' independence). Norm weights are 1. The byte-level tokenizer of tests/tiny.py (ids < 260)
 is saved alongside; the model keeps LLaMA's 32000-entry vocabulary. The checkpoint and the run's
 output are deleted at the end unless --keep.
 
@@ -76,7 +76,8 @@ def write_checkpoint(out: Path, size: str, shard_bytes: int, seed: int = 0) -> i
     import torch
     from transformers import LlamaConfig
 
-    from qlora.tiny import tiny_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py, a test fixture
+    from tiny import tiny_tokenizer
 
     spec = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)

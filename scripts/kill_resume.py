@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="paged_adamw")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
-    from qlora.tiny import save_tiny
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py, a test fixture
+    from tiny import save_tiny
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="qlora-kill-"))
     model = save_tiny(str(work / "model"), "llama")

@@ -8,7 +8,7 @@ import pytest
 
 import qlora.chat as chat
 from qlora.generate import GenerationSettings, load_model
-from qlora.tiny import save_tiny
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

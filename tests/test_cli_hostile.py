@@ -1,7 +1,7 @@
 """Hostile input through the CLI: each case is a one-line error naming the file/line/key, exit
 status 2, and an output directory that was never created (reliability issue, item 7).
 
-The data cases are the catalogue of test_data_hostile.py, driven through `qlora train`; the rest
+The data cases are the catalogue of tests/data/test_hostile.py, driven through `qlora train`; the rest
 cover config, adapters, checkpoints and weights. `qlora.cli.main` runs in-process (same code path
 as the console script, without paying interpreter start-up per case)."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qlora.cli import main
-from test_data_hostile import CASES
+from data.test_hostile import CASES  # tests/data/test_hostile.py
 
 
 def _run(capsys, *args) -> tuple[int, str]:
@@ -83,7 +83,7 @@ def test_bad_config_file(tiny_llama, tmp_path, capsys, yaml_text, needle):
 
 
 def test_nan_in_weights(tmp_path, capsys):
-    from qlora.tiny import tiny_model, tiny_tokenizer
+    from tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama")
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 
 from qlora import decode, hf
 from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
-from qlora.tiny import save_tiny, tiny_model, tiny_tokenizer
+from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 PROMPT = "Once upon a time, in a land far away"
 

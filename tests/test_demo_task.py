@@ -9,7 +9,7 @@ import pytest
 
 from qlora.data import build_examples, prompt_and_reference, read_dataset
 from qlora.demo_task import CITIES, FIRST_NAMES, INSTRUCTION, SURNAMES, exact_match, make_demo_task, write_demo_task
-from qlora.tiny import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from qlora import hf
 from qlora.errors import QloraError
 from qlora.nn import Linear4bit, LoRALinear
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 
 
 def _ids(tok, text="The quick brown fox"):

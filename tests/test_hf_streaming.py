@@ -12,7 +12,7 @@ import torch
 from qlora import hf, safetensors_reader
 from qlora.errors import QloraError
 from qlora.nn import Linear4bit
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 
 # In a fresh process: peak RSS before and after hf.load, and what the loaded model holds. VmHWM, not
 # ru_maxrss: a child's ru_maxrss starts at its parent's RSS (kept across fork + exec), here pytest's.
@@ -53,7 +53,7 @@ def _write_llama(path, hidden=1024, inter=2816, layers=8, vocab=8000):
     (randn of the whole model would be most of the test's time)."""
     from safetensors.torch import save_file
 
-    from qlora.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     block = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     sd = {k: block.repeat(-(-math.prod(s) // block.numel()))[: math.prod(s)].view(s) if len(s) > 1
@@ -137,7 +137,7 @@ def test_16bit_load_maps_kept_tensors_and_copies_nothing_it_quantizes(tmp_path):
 
 
 def _tiny_bf16(tmp_path):
-    from qlora.tiny import save_tiny, tiny_model
+    from tiny import save_tiny, tiny_model
 
     d = tmp_path / "tiny_bf16"
     save_tiny(str(d))

@@ -11,7 +11,7 @@ from qlora import hf
 from qlora.config import build_config
 from qlora.errors import QloraError
 from qlora.optim import build_optimizer
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 from qlora.train import fit, loss_sum, lr_at, setup
 
 

@@ -95,7 +95,7 @@ def test_generic_jsonl_and_errors(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_batches_equal_one_by_one_on_real_models(arch, byte_tokenizer):
-    from qlora.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model(arch)
     pairs = [("Question: what is it?\nAnswer:", " a cat"), ("Hi", " there, friend"), ("x", " y"), ("", "start")]

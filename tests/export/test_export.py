@@ -23,7 +23,7 @@ from qlora.export.files import ShardWriter
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.nn import Linear4bit
 from qlora.quant import dequantize, quantize
-from qlora.tiny import save_tiny, save_tiny_adapter
+from tiny import save_tiny, save_tiny_adapter
 from quant.helpers import bnb_canonical  # tests/quant/helpers.py
 
 TEXT = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nhé<|im_end|>"

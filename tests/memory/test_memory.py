@@ -23,7 +23,7 @@ from qlora.memory import (
 from qlora.memory.allocator import return_freed_memory
 from qlora.memory.estimate import LOSS_CHUNK_TOKENS, SHARD_GATHERED_LAYERS
 from qlora.nn import linear4bit
-from qlora.tiny import ARCHS, save_tiny, tiny_model
+from tiny import ARCHS, save_tiny, tiny_model
 
 # The paper's setting (section 4 / figure 6): NF4 + DQ, LoRA r=64 on every linear layer, batch 1 of 512
 # tokens, gradient checkpointing, paged AdamW, bf16 compute; its code (artidoro/qlora) keeps the LoRA
@@ -462,7 +462,7 @@ def _train_peak_vs_estimate(tmp_path, model: str | None, steps: int, **flags) ->
 def _mid_model(path) -> str:
     import transformers as tf
 
-    from qlora.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=260, bos_token_id=257, eos_token_id=258,

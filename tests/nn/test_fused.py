@@ -144,7 +144,7 @@ def test_fuse_leaves_gemma_alone(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
     if "gemma3" not in tiny_dirs:
-        pytest.skip("no tiny gemma3 architecture in qlora.tiny")
+        pytest.skip("no tiny gemma3 architecture in tests/tiny.py")
     net = AutoModelForCausalLM.from_pretrained(tiny_dirs["gemma3"], dtype=torch.bfloat16)
     assert fused.fuse(net) == 0  # Gemma's norm scales by 1 + w and its MLP is GELU-gated
 

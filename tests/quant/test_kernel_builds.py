@@ -222,7 +222,7 @@ def test_llama_decode_step(simd, portable, tmp_path):
     the output head and its greedy screen) gives the same logits and tokens in both builds."""
     from qlora import decode, hf
     from qlora.generate import load_model
-    from qlora.tiny import tiny_model, tiny_tokenizer
+    from tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama")
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.serve import App, make_server, serve
-from qlora.tiny import save_tiny
+from tiny import save_tiny
 
 MODEL_ID = "tiny"
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
