@@ -2,7 +2,7 @@
 
 Every count follows what the code stores: 4-bit weights as qlora.quant lays them out, optimizer
 pages as qlora.optim lays them out, and activations as what autograd saves in a transformers
-decoder wrapped by qlora.nn (checked tensor by tensor in tests/test_memory.py). The parts add up
+decoder wrapped by qlora.nn (checked tensor by tensor in tests/memory/test_estimate.py). The parts add up
 to the peak, which comes at the start of backward: every saved activation and the loss's vocab-wide
 tensors are alive together, gradients arrive as they go. Taking all of them at once over-counts by
 at most the LoRA gradients.

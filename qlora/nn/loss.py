@@ -24,7 +24,7 @@ CHUNK_TOKENS = 256  # (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k v
 def _chunk_compiled(k, h, y, weight, out, zb):
     """_chunk through one compiled pass per row (max, exp and sum, softmax - onehot in place)."""
     torch.mm(h, weight.t(), out=zb)
-    loss = k.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
+    loss = k.train.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
     if out is not None:
         torch.mm(zb, weight, out=out)
     return loss

@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from .fast import _scale_args
+from .quantize import _scale_args
 
 
 class _DecodeLinear(ctypes.Structure):
