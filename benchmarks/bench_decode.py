@@ -172,7 +172,8 @@ def main() -> None:
                 os.path.join(model_dir, gguf_file), ids, n, args.llama_cpp_threads)
     except ImportError as e:
         print(f"(no llama.cpp row: {e})")
-    print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, prompt {len(ids)} tokens, {n} new tokens; "
+    print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, "
+          f"prompt {len(ids)} tokens, {n} new tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
     results = {name: [] for name in runners}
     for _ in range(args.repeats):

@@ -31,7 +31,8 @@ def _assert_one_line_error(rc, err, out_dir, needle):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("name, content, expected", [c[:3] for c in CASES if c[2] is not None], ids=[c[0] for c in CASES if c[2] is not None])
+@pytest.mark.parametrize("name, content, expected", [c[:3] for c in CASES if c[2] is not None],
+                         ids=[c[0] for c in CASES if c[2] is not None])
 def test_bad_data_file(tiny_llama, tmp_path, capsys, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
@@ -105,7 +106,8 @@ def test_truncated_safetensors_model(tiny_llama, tmp_path, capsys):
     st = next(bad.glob("*.safetensors"))
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     out = tmp_path / "out"
-    rc, err = _run(capsys, "train", "--model", str(bad), "--data", _good_data(tmp_path), "--output-dir", str(out), "--force")
+    rc, err = _run(capsys, "train", "--model", str(bad), "--data", _good_data(tmp_path), "--output-dir", str(out),
+                   "--force")
     _assert_one_line_error(rc, err, out, str(st))
 
 

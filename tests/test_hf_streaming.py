@@ -31,14 +31,16 @@ before = hwm()
 model, _ = hf.load(sys.argv[1])
 after = hwm()
 held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # 4-bit codes too
-assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit) for p in (m.weight_data, m.weight_absmax))
+assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit)
+           for p in (m.weight_data, m.weight_absmax))
 print(json.dumps({"growth": after - before, "held": held}))
 """
 
 
 def llama_shapes(vocab: int, hidden: int, inter: int, layers: int) -> dict[str, tuple]:
     """LLaMA's checkpoint keys and shapes (untied head, no biases)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
@@ -158,7 +160,8 @@ def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):
     save_file(sd, str(tmp_path / "x.safetensors"))
     ref = load_file(str(tmp_path / "x.safetensors"))
     for map_if in (None, lambda name, dtype: name != "b"):
-        got = {k: (v.clone(), mapped) for k, v, mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
+        got = {k: (v.clone(), mapped) for k, v,
+               mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
         assert got.keys() == ref.keys() and all(torch.equal(got[k][0], ref[k]) for k in ref)
         assert [got[k][1] for k in "abc"] == ([False] * 3 if map_if is None else [True, False, True])
     raw = (tmp_path / "x.safetensors").read_bytes()

@@ -38,8 +38,10 @@ class DataType:
 def parse_datatype(spec: str) -> DataType:
     """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> DataType."""
     m = _SPEC.match(spec.strip().lower())
-    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (m["type"] == "bf16" and (m["dq"] or m["bs"])):
-        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, {', '.join(QUANT_TYPES)}")
+    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (m["type"] == "bf16"
+                                                                          and (m["dq"] or m["bs"])):
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, "
+                         f"{', '.join(QUANT_TYPES)}")
     return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64))
 
 

@@ -18,7 +18,8 @@ import torch
 
 from ..quant import kernels
 
-CHUNK_TOKENS = 256  # (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
+# (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
+CHUNK_TOKENS = 256
 
 
 def _chunk_compiled(k, h, y, weight, out, zb):

@@ -81,4 +81,5 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
 def dequantize_8bit(q, absmax, code, blocksize) -> torch.Tensor:
     """-> fp32 shaped like q"""
     k = cpu_kernels(q, absmax, code)
-    return k.quant.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code, blocksize)
+    return k.quant.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code,
+                                                                                                 blocksize)

@@ -280,7 +280,8 @@ def make_calls() -> Calls:
             x = _specials(torch.randn(n, generator=g).to(dt), g, every=41)
             for p, seed, inplace in ((0.1, 12345, 0), (0.5, 0xDEADBEEF, 1), (0.0, 7, 0)):
                 threshold = min(int(p * 2 ** 32), 2 ** 32 - 1)
-                c.add(f"dropout/{_DT_NAME[dt]}/n={n}/p={p}/inplace={inplace}", [n, _DTYPES[dt], threshold, seed, inplace],
+                c.add(f"dropout/{_DT_NAME[dt]}/n={n}/p={p}/inplace={inplace}",
+                      [n, _DTYPES[dt], threshold, seed, inplace],
                       [1.0 / (1.0 - p)], [x])
 
     # RMSNorm forward and backward (a zero row and a huge row among them), ragged widths
@@ -320,9 +321,12 @@ def make_calls() -> Calls:
 
     # one-token 4-bit linear + LoRA (decode_linear): shapes, DQ, rank, bias, several sharing x,
     # and one product above the two-lane threshold (64k weights) with the helper thread on
-    for count, n, k, bs, dq, r, bias, threads in ((1, 1, 64, 64, False, 0, False, 1), (1, 37, 128, 64, True, 5, True, 1),
-                                                  (1, 16, 256, 128, True, 8, False, 1), (3, 40, 192, 64, False, 1, True, 1),
-                                                  (1, 272, 256, 64, True, 16, True, 2), (1, 33, 64, 64, False, 3, False, 2)):
+    for count, n, k, bs, dq, r, bias, threads in ((1, 1, 64, 64, False, 0, False, 1),
+                                                  (1, 37, 128, 64, True, 5, True, 1),
+                                                  (1, 16, 256, 128, True, 8, False, 1),
+                                                  (3, 40, 192, 64, False, 1, True, 1),
+                                                  (1, 272, 256, 64, True, 16, True, 2),
+                                                  (1, 33, 64, 64, False, 3, False, 2)):
         args = ([count, threads], [], [])
         _add_linears(args, [_linear(n + 8 * i, k, bs, g, dq, r, bias) for i in range(count)])
         args[2].append(torch.randn(k, generator=g).bfloat16())
@@ -392,7 +396,8 @@ def make_calls() -> Calls:
         if four:
             g4 = torch.Generator().manual_seed(99)
             _add_linears(args, [_linear(vocab, hidden, 64, g4, True, 0, False, scale=0.2)])
-        c.add(f"llama/head={head_kind}/{'greedy' if greedy else 'step'}/screen={int(screen)}/steps={len(tokens)}", *args)
+        c.add(f"llama/head={head_kind}/{'greedy' if greedy else 'step'}/screen={int(screen)}/steps={len(tokens)}",
+              *args)
     return c
 
 
@@ -513,7 +518,8 @@ def _builds() -> dict[str, Build]:
         cross, runner, why = native_cxx, (), "" if native_cxx else "no C++ compiler"
     else:
         cross = os.environ.get("QLORA_ARM64_CXX") or shutil.which("aarch64-linux-gnu-g++")
-        qemu = os.environ.get("QLORA_QEMU_AARCH64") or shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+        qemu = (os.environ.get("QLORA_QEMU_AARCH64") or shutil.which("qemu-aarch64-static")
+                or shutil.which("qemu-aarch64"))
         runner = (qemu,) if qemu else ()
         why = ("no aarch64 cross compiler (aarch64-linux-gnu-g++)" if not cross else
                "no qemu-aarch64 (qemu-user-static / qemu-user)" if not qemu else "")

@@ -84,7 +84,8 @@ def test_gemm_4bit(simd, portable, double_quant):
         if i % 2:
             _specials(x, g)
         args = (q.data, q.absmax, q.code, bs, (n_out, k), q.nested)
-        same(simd.quant.gemm_4bit(x, *args), portable.quant.gemm_4bit(x, *args), f"gemm_4bit {n_out}x{k} bs={bs} rows={rows}")
+        same(simd.quant.gemm_4bit(x, *args), portable.quant.gemm_4bit(x, *args),
+             f"gemm_4bit {n_out}x{k} bs={bs} rows={rows}")
 
 
 def _linear_spec(n, k, bs, r, g, bias=True, double_quant=True):
@@ -109,7 +110,8 @@ def test_decode_linear(simd, portable, lanes):
             g = _gen(10 + i)
             specs = DecodeLinears([_linear_spec(n, k, bs, r, g, bias=i % 2 == 0, double_quant=i % 3 != 2)])
             for x in (torch.randn(k, generator=g).bfloat16(), _specials(torch.randn(k, generator=g).bfloat16(), g)):
-                same(simd.llama.decode_linears(specs, x, torch.empty(n)), portable.llama.decode_linears(specs, x, torch.empty(n)),
+                same(simd.llama.decode_linears(specs, x, torch.empty(n)),
+                     portable.llama.decode_linears(specs, x, torch.empty(n)),
                      f"decode_linear n={n} k={k} bs={bs} r={r}")
     finally:
         from qlora.quant.fast.llama import default_decode_threads
@@ -154,7 +156,8 @@ def test_decode_attention(simd, portable, heads, kv_heads, dim, length):
     values = torch.randn(kv_heads, capacity, dim, generator=g).bfloat16()
     blocked = block_keys(keys)
     for scale in (dim ** -0.5, 8.0):  # 8: large scores, exp's underflow
-        out = [b.llama.decode_attention(q, blocked, values, length, scale, torch.empty(heads, dim)) for b in (simd, portable)]
+        out = [b.llama.decode_attention(q, blocked, values, length, scale, torch.empty(heads, dim)) for b in (simd,
+                                                                                                              portable)]
         same(*out, f"attention h={heads} kv={kv_heads} d={dim} T={length} scale={scale}")
 
 
@@ -183,7 +186,8 @@ def test_rms_norm(simd, portable, rows, d):
     (y1, r1), (y2, r2) = (b.train.rms_norm_forward(x, w, 1e-5) for b in (simd, portable))
     same(y1, y2, f"rms_norm y {rows}x{d}")
     same(r1, r2, f"rms_norm rstd {rows}x{d}")
-    same(simd.train.rms_norm_backward(dy, x, w, r2), portable.train.rms_norm_backward(dy, x, w, r2), f"rms_norm dx {rows}x{d}")
+    same(simd.train.rms_norm_backward(dy, x, w, r2), portable.train.rms_norm_backward(dy, x, w, r2),
+         f"rms_norm dx {rows}x{d}")
 
 
 @pytest.mark.parametrize("n", [5000, 17, 1, 53, 16, (1 << 14) + 7])

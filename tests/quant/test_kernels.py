@@ -90,7 +90,8 @@ def test_fused_double_quant_dequantize_matches_reference(k):
         nested = (q.nested_absmax, q.nested_code, q.offset, 256)
         for out_dtype in DTYPES:
             want = ref.dequantize_4bit_ref(q.data, scales, q.code, blocksize, (n,), out_dtype)
-            assert_bits_equal(k.quant.dequantize_4bit(q.data, q.absmax, q.code, blocksize, (n,), out_dtype, nested), want)
+            assert_bits_equal(k.quant.dequantize_4bit(q.data, q.absmax, q.code, blocksize, (n,), out_dtype, nested),
+                              want)
             out = torch.full((n,), float("nan"), dtype=out_dtype)
             assert k.quant.dequantize_4bit_into(out, q.data, q.absmax, q.code, blocksize, nested) is out
             assert_bits_equal(out, want, f"into n={n} -> {out_dtype}")

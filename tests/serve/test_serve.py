@@ -201,7 +201,8 @@ def test_sigint_stops_serve_cleanly(live):
 
 
 def test_serve_command_stops_on_sigterm_mid_stream(tiny_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "qlora", "serve", "--model", tiny_dir, "--port", "0", "--name", MODEL_ID],
+    proc = subprocess.Popen([sys.executable, "-m", "qlora", "serve", "--model", tiny_dir, "--port", "0", "--name",
+                             MODEL_ID],
                             stderr=subprocess.PIPE, text=True)
     try:
         port = None

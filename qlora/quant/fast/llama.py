@@ -62,7 +62,8 @@ class LlamaOps:
                 and 0 < length <= capacity and all(t.is_contiguous() for t in (q, keys, values, out))
                 and out.shape == q.shape):
             raise ValueError("decode_attention: expected contiguous fp32 q and out (H, D), bf16 keys "
-                             f"(KV, capacity / 16, D, 16) and values (KV, capacity, D); got {tuple(q.shape)}, {tuple(keys.shape)}, "
+                             f"(KV, capacity / 16, D, 16) and values (KV, capacity, D); got {tuple(q.shape)}, "
+                             f"{tuple(keys.shape)}, "
                              f"{tuple(values.shape)}, length {length}")
         self._lib.qlora_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), capacity, length,
                                          heads, kv, d, scale, out.data_ptr())
