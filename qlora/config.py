@@ -22,7 +22,8 @@ from .precision import spelled
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text"]
+DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text", "dolly", "input_output", "chip2",
+                     "hh_rlhf", "unnatural", "flan"]
 
 
 class ConfigError(QloraError, ValueError):

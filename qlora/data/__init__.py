@@ -6,9 +6,9 @@
     plan = BatchPlan.for_examples(train, batch_size, seed, group_by_length=True)
     for epoch, index, batch in plan.iterate(): collate([train[i] for i in batch], pad_id)
 
-Formats: alpaca (instruction, input, output), guanaco (text with '### Human:' / '### Assistant:'
-turns), chat (messages: [{role, content}], rendered with the tokenizer's chat template),
-completion (prompt, completion), text (text; every token is trained on).
+Formats (formats.SHAPES is the list, detected from the keys or set with data_format): alpaca,
+dolly, input_output, completion, flan, unnatural, chat (tokenizer chat template), guanaco, chip2,
+hh_rlhf (marked turns in one string: turns.py), text (every token trained on).
 """
 
 from .batching import MEGA_BATCH, BatchPlan, collate, epoch_batches

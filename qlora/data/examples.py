@@ -6,12 +6,13 @@ tokens and are -100 on prompt tokens (unless train_on_source), `row` is the sour
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import QloraError
-from .formats import FORMATS, detect_format, render, validate_rows
+from .formats import FORMATS, describe, detect_format, render, render_all, validate_rows
 from .load import load_rows, where
 
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
@@ -48,7 +49,9 @@ class DataStats:
 def read_dataset(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Load rows, detect the format when `fmt` is 'auto', and validate every row for it."""
     rows = load_rows(path)
-    fmt = detect_format(rows, path) if fmt == "auto" else fmt
+    if fmt == "auto":
+        fmt = detect_format(rows, path)
+        print(f"{path}: detected the {describe(fmt)} format (set data_format to override)", file=sys.stderr)
     validate_rows(rows, fmt, path)
     return rows, fmt
 
@@ -67,29 +70,37 @@ def build_examples(rows: list[dict], fmt: str, tokenizer, max_source_len: int, m
     target_len = max_seq_len if fmt == "text" else max_target_len
     stats, examples = DataStats(rows=len(rows)), []
     for i, row in enumerate(rows):
-        segments = render(row, fmt, tokenizer, lambda: where(rows, i, source))
-        if not any(is_target for _, is_target in segments):
-            stats.empty += 1
-            continue
-        pieces = _tokenize(tokenizer, segments, prefix, eos)
-        ids, is_target, cut = _truncate(pieces, len(prefix), max_source_len, target_len, max_seq_len)
-        if not any(is_target):
-            stats.dropped += 1
-            continue
-        for key, was_cut in cut.items():
-            setattr(stats, f"truncated_{key}", getattr(stats, f"truncated_{key}") + was_cut)
-        stats.truncated += any(cut.values())
-        labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
-        examples.append({"input_ids": ids, "labels": list(labels), "row": i})
-        stats.tokens += len(ids)
-        stats.target_tokens += sum(is_target)
+        for segments in render_all(row, fmt, tokenizer, lambda: where(rows, i, source)):
+            example = _example(tokenizer, segments, prefix, eos, (max_source_len, target_len, max_seq_len),
+                               train_on_source, stats)
+            if example is not None:
+                examples.append(dict(example, row=i))
     stats.examples = len(examples)
     if not examples:
-        if stats.empty == len(rows):
+        if not stats.dropped:
             raise QloraError(f"{source}: all {len(rows)} rows have an empty answer; nothing to train on")
         raise QloraError(f"{source}: all {len(rows)} rows were truncated away; raise max_target_len/max_seq_len "
                          f"(now {max_target_len}/{max_seq_len}) or lower max_source_len ({max_source_len})")
     return examples, stats
+
+
+def _example(tokenizer, segments, prefix, eos, limits, train_on_source: bool, stats: DataStats) -> dict | None:
+    """One tokenized example with its labels, or None (counted in stats) when it has no answer left."""
+    if not any(is_target for _, is_target in segments):
+        stats.empty += 1
+        return None
+    pieces = _tokenize(tokenizer, segments, prefix, eos)
+    ids, is_target, cut = _truncate(pieces, len(prefix), *limits)
+    if not any(is_target):
+        stats.dropped += 1
+        return None
+    for key, was_cut in cut.items():
+        setattr(stats, f"truncated_{key}", getattr(stats, f"truncated_{key}") + was_cut)
+    stats.truncated += any(cut.values())
+    stats.tokens += len(ids)
+    stats.target_tokens += sum(is_target)
+    labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
+    return {"input_ids": ids, "labels": list(labels)}
 
 
 def _tokenize(tokenizer, segments, prefix: list[int], eos: int) -> list[tuple[list[int], bool]]:

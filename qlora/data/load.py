@@ -15,6 +15,9 @@ from pathlib import Path
 from ..errors import QloraError
 
 _PARQUET_MAGIC = b"PAR1"
+# Python's json parser recurses once per nesting level; past the interpreter's limit (~1000) it raises
+# RecursionError. No row format nests deeper than a few levels, so such a row is bad input, not a bug.
+_TOO_DEEP = "JSON nested too deeply for Python's parser (more than ~1000 levels of [ or {); fix or delete this row"
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
@@ -95,6 +98,8 @@ def _load_jsonl(text: str, path: str) -> Rows:
             row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
             raise QloraError(f"{path}:{n}: invalid JSON ({_json_problem(e)}); fix or delete this line") from None
+        except RecursionError:
+            raise QloraError(f"{path}:{n}: {_TOO_DEEP}") from None
         if not isinstance(row, dict):
             raise QloraError(f"{path}:{n}: expected a JSON object per line, got a {type_name(row)}")
         rows.append(row)
@@ -109,6 +114,8 @@ def _load_json_document(text: str, path: str) -> Rows:
         if e.msg == "Extra data":  # several top-level values: a JSONL file named .json
             return _load_jsonl(text, path)
         raise QloraError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)})") from None
+    except RecursionError:
+        raise QloraError(f"{path}: {_TOO_DEEP}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
