@@ -15,9 +15,12 @@ from .batching import MEGA_BATCH, BatchPlan, collate, epoch_batches
 from .examples import IGNORE_INDEX, DataStats, build_examples, prompt_and_reference, read_dataset, split_train_val
 from .formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FORMATS, detect_format, render, validate_rows
 from .load import Rows, load_rows
+from .packing import block_causal_mask, model_inputs, pack
+from .sources import build_mixture, parse_sources, read_sources
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE_INDEX", "MEGA_BATCH", "BatchPlan", "DataStats",
     "Rows", "build_examples", "collate", "detect_format", "epoch_batches", "load_rows", "prompt_and_reference",
-    "read_dataset", "render", "split_train_val", "validate_rows",
+    "read_dataset", "render", "split_train_val", "validate_rows", "pack", "block_causal_mask", "model_inputs",
+    "build_mixture", "parse_sources", "read_sources",
 ]

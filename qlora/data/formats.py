@@ -131,12 +131,12 @@ def _validate_unnatural(row: dict, loc) -> None:
                           lambda: f"{loc()}: instances[{j}]")
 
 
-def render(row: dict, fmt: str, tokenizer, loc) -> Segments:
+def render(row: dict, fmt: str, tokenizer, loc, chat_format: str = "auto") -> Segments:
     """The row's (first) example as (text, is_target) pieces; empty targets are left out."""
-    return render_all(row, fmt, tokenizer, loc)[0]
+    return render_all(row, fmt, tokenizer, loc, chat_format)[0]
 
 
-def render_all(row: dict, fmt: str, tokenizer, loc) -> list[Segments]:
+def render_all(row: dict, fmt: str, tokenizer, loc, chat_format: str = "auto") -> list[Segments]:
     """Every example of the row (one, except one per Unnatural Instructions instance)."""
     if fmt == "alpaca":
         return [_alpaca(row["instruction"], row.get("input"), row["output"])]
@@ -151,7 +151,7 @@ def render_all(row: dict, fmt: str, tokenizer, loc) -> list[Segments]:
         return [merge([(row["text"], True)])]
     if fmt in MARKED:
         return [merge(render_turns(row[_TEXT_OF[fmt]], fmt))]
-    return [render_chat(row["messages"], tokenizer, loc)]
+    return [render_chat(row["messages"], tokenizer, loc, chat_format)]
 
 
 def _alpaca(instruction: str, context: str | None, answer: str) -> Segments:
