@@ -73,7 +73,7 @@ class TrainConfig:
     columns: Optional[str] = None
     """The three mappings as one option: prompt=COL,response=COL[,system=COL]."""
     chat_format: ChatFormat = "auto"
-    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto: tokenizer's if any, else guanaco); recorded with the adapter."""
+    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto: tokenizer's if any, else guanaco)."""
     packing: bool = False
     """Pack several examples per row (attention and positions restart at each example; fewer pad tokens)."""
     max_seq_len: int = 512
