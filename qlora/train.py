@@ -302,7 +302,7 @@ def fit(run: Run, progress: bool = True) -> dict:
     opt_stats = opt.stats()  # state size, and what paging cost: bytes in/out, evictions, stall time
     opt.close()
     if main:
-        _publish_adapter(model, out, cfg)
+        _publish_adapter(model, out, cfg, run.data_stats.get("chat_format"))
         _plot(metrics_path, out / "loss.png")
         if opt_stats.get("bytes_out"):
             print(f"optimizer {opt_stats['kind']}: {opt_stats['state_bytes'] / 2**20:.1f} MiB of state, paged "
@@ -340,14 +340,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
-def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
-    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
+def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None = None) -> None:
+    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN; with
+    the chat format its data taught (data.chat.RECORD: generate, chat and serve use it by default)."""
     for name, t in hf.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
     hf.save_adapter(model, str(tmp), cfg.model)
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
+    if chat_format:
+        (tmp / data.chat.RECORD).write_text(json.dumps({"chat_format": chat_format}) + "\n", encoding="utf-8")
+    elif (out / data.chat.RECORD).exists():
+        (out / data.chat.RECORD).unlink()  # a previous run's record would not describe this adapter
+    for f in ("adapter_model.safetensors", "adapter_config.json") + ((data.chat.RECORD,) if chat_format else ()):
         os.replace(tmp / f, out / f)
     tmp.rmdir()
 

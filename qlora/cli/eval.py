@@ -77,6 +77,10 @@ def load(args, adapters: list[str] | None = None):
     args.dtype = resolve(args.dtype, args.device)  # 'auto' made concrete: the JSON records what ran
     model, tokenizer = hf.load(args.model, compute_dtype=torch_dtype(args.dtype), adapters=adapters,
                                device=args.device, **quant)
+    if hasattr(args, "chat_format"):  # the verbs with the model flags: messages rendered as generate renders them
+        from ..data.chat import install
+
+        install(tokenizer, args.chat_format, adapters)
     model.qlora_adapters = adapters
     shown = "bf16" if quant["quant_type"] == "bf16" else (
         f"{quant['quant_type']}{'+dq' if quant['double_quant'] else ''}@{quant['blocksize']}")

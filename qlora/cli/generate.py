@@ -9,6 +9,7 @@ import sys
 import typing
 
 from ..config import QuantType
+from ..data.chat import CHAT_FORMATS, install
 from ..errors import QloraError
 from ..generate import GenerationSettings
 from ..precision import CHOICES as DTYPE_CHOICES, spelled
@@ -31,6 +32,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
                    help="4-bit type of the base (default: the one the adapter was trained on, else nf4; bf16 = unquantized)")
     add_dtype_arg(p)
+    # chat formats (issue 16): how messages are rendered for a base without (or instead of) a template
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, default="auto",
+                   help="auto (the adapter's recorded format, else the tokenizer's template, else guanaco), "
+                   "tokenizer, guanaco, alpaca or chatml (default: auto)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,9 +64,11 @@ def load_from(args):
 
     args.dtype = resolve(args.dtype, "cpu")
     model, tokenizer = load_model(args.model, args.adapters, args.quant_type, torch_dtype(args.dtype))
+    chat_format = install(tokenizer, args.chat_format, args.adapters)
     quant = model.qlora_quant["quant_type"]
     adapters = f" + {len(args.adapters)} adapter(s)" if args.adapters else ""
-    print(f"loaded {model.qlora_source} ({quant}{adapters}, {args.dtype})", file=sys.stderr, flush=True)
+    print(f"loaded {model.qlora_source} ({quant}{adapters}, {args.dtype}, chat format {chat_format})",
+          file=sys.stderr, flush=True)
     return model, tokenizer
 
 

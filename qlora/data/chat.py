@@ -7,6 +7,8 @@ paper's format. Named templates render each turn to segments directly, so the ma
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import get_args
 
 from ..config import ChatFormat
@@ -24,6 +26,72 @@ _NAMED = {
     "chatml": (lambda s: f"<|im_start|>system\n{s}<|im_end|>\n", lambda u: f"<|im_start|>user\n{u}<|im_end|>\n",
                "<|im_start|>assistant\n", lambda a: f"{a}<|im_end|>"),
 }
+
+
+# The same named templates in Jinja, installed on a tokenizer for inference (generate, chat, serve,
+# eval generate) so every consumer of tokenizer.apply_chat_template renders what training rendered;
+# {prefix} is the text of the tokens the tokenizer puts in front of any text (LLaMA's BOS).
+_ROLE = "{{% set r = m['role'] if m['role'] in ['system', 'assistant'] else 'user' %}}"
+_EOS = "{{{{ eos_token if eos_token and not m['content'].endswith(eos_token) else '' }}}}"
+_NL = "{{{{ '\\n' }}}}"  # newlines as Jinja strings: HF renders with trim_blocks, which eats one after a tag
+_JINJA = {
+    "guanaco": ("{prefix}{{% for m in messages %}}" + _ROLE + "{{% if r == 'system' %}}{{{{ m['content'] }}}}"
+                "{{% elif r == 'assistant' %}}### Assistant: {{{{ m['content'] }}}}" + _EOS +
+                "{{% else %}}### Human: {{{{ m['content'] }}}}{{% endif %}}{{% endfor %}}"
+                "{{% if add_generation_prompt %}}### Assistant:{{% endif %}}"),
+    "alpaca": ("{prefix}{{% if not (messages | selectattr('role', 'equalto', 'system') | list) %}}{system}{{% endif %}}"
+               "{{% for m in messages %}}" + _ROLE + "{{% if r == 'system' %}}{{{{ m['content'] }}}}"
+               "{{% elif r == 'assistant' %}}" + _NL * 2 + "### Response:" + _NL + "{{{{ m['content'] }}}}" + _EOS +
+               "{{% else %}}" + _NL * 2 + "### Instruction:" + _NL + "{{{{ m['content'] }}}}{{% endif %}}{{% endfor %}}"
+               "{{% if add_generation_prompt %}}" + _NL * 2 + "### Response:" + _NL + "{{% endif %}}"),
+    "chatml": ("{prefix}{{% for m in messages %}}" + _ROLE + "<|im_start|>{{{{ r }}}}" + _NL + "{{{{ m['content'] }}}}"
+               "<|im_end|>{{% if r == 'assistant' %}}{{{{ eos_token if eos_token and eos_token != '<|im_end|>' else '' }}}}"
+               "{{% else %}}" + _NL + "{{% endif %}}{{% endfor %}}"
+               "{{% if add_generation_prompt %}}<|im_start|>assistant" + _NL + "{{% endif %}}"),
+}
+RECORD = "qlora_chat_format.json"  # beside an adapter: the chat format it was trained with
+# data formats whose prompts are a named chat format: inference should speak it too
+_IMPLIED = {"guanaco": "guanaco", "alpaca": "alpaca", "dolly": "alpaca", "unnatural": "alpaca"}
+
+
+def jinja_template(name: str, prefix: str = "") -> str:
+    """The named template as a Jinja chat template (what install() puts on a tokenizer)."""
+    return _JINJA[name].format(prefix=prefix.replace("{", "{{").replace("}", "}}"), system=ALPACA_SYSTEM)
+
+
+def trained_format(formats: list[str], chat_format: str, tokenizer) -> str | None:
+    """The chat format a run's data taught, to record with its adapter (None: no single one)."""
+    implied = {resolve_chat_format(chat_format, tokenizer) if f == "chat" else _IMPLIED.get(f) for f in formats}
+    return implied.pop() if len(implied) == 1 and None not in implied else None
+
+
+def recorded(adapters) -> str | None:
+    """The chat format recorded beside the first adapter that has one."""
+    for a in adapters:
+        p = Path(a) / RECORD
+        if p.is_file():
+            try:
+                name = json.loads(p.read_text(encoding="utf-8")).get("chat_format")
+            except (ValueError, AttributeError):
+                raise QloraError(f"{p}: invalid JSON; expected {{\"chat_format\": NAME}}") from None
+            if name not in CHAT_FORMATS:
+                raise QloraError(f"{p}: chat_format {name!r} is not one of {', '.join(CHAT_FORMATS)}")
+            return name
+    return None
+
+
+def install(tokenizer, chat_format: str = "auto", adapters=()) -> str:
+    """Make the tokenizer render chats as asked: the flag, else what the adapter was trained with, else
+    the tokenizer's own template, else guanaco. Returns the format used (for the load line)."""
+    name = chat_format if chat_format != "auto" else recorded(adapters) or "auto"
+    name = resolve_chat_format(name, tokenizer)
+    if name != "tokenizer":
+        from .examples import _special_prefix
+
+        tokenizer.chat_template = jinja_template(name, tokenizer.decode(_special_prefix(tokenizer)))
+    elif not getattr(tokenizer, "chat_template", None):
+        raise QloraError("chat_format tokenizer: this tokenizer has no chat template; use guanaco, alpaca or chatml")
+    return name
 
 
 def resolve_chat_format(name: str, tokenizer) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QloraError
+from .chat import trained_format
 from .columns import column_map, map_rows
 from .examples import build_examples, read_dataset, split_train_val
 from .load import load_rows
@@ -107,7 +108,8 @@ def build_mixture(sources, tokenizer, cfg) -> tuple[list[dict], list[dict], dict
         print("data mixture: " + ", ".join(f"{src.path} {n}" for (src, _, _), n in zip(sources, wanted))
               + f" = {len(train)} training examples")
     stats = dict(info[0]) if len(info) == 1 else {"sources": info}
-    return train, val, dict(stats, digest=digest(train))
+    taught = trained_format([fmt for _, _, fmt in sources], cfg.chat_format, tokenizer)
+    return train, val, dict(stats, digest=digest(train), chat_format=taught)
 
 
 def _sizes(parts: list[tuple[Source, int]]) -> list[int]:
