@@ -9,8 +9,8 @@ import pytest
 
 from qlora.config import build_config
 from qlora.data import build_examples, build_mixture, parse_sources, read_sources
-from qlora.data.examples import _special_prefix
 from qlora.data.chat import ALPACA_SYSTEM, render_chat, resolve_chat_format
+from qlora.data.examples import _special_prefix
 from qlora.data.sources import Source
 from qlora.errors import QloraError
 from qlora.tiny import tiny_tokenizer
