@@ -80,3 +80,16 @@ def test_bare_base_falls_back_to_guanaco_and_tokenizer_mode_refuses(bare_base, c
         install(tok, "tokenizer")
     rc = main(["generate", "--model", bare_base, "--chat-format", "chatml", "--max-new-tokens", "2", "hi"])
     assert rc == 0 and "chat format chatml" in capsys.readouterr().err
+
+
+def test_chat_on_a_bare_base_speaks_the_installed_format(bare_base):
+    import io
+
+    from qlora.chat import repl
+
+    model, tok = hf.load(bare_base)
+    install(tok, "auto")
+    lines = iter(["hello", "/exit"])
+    out = io.StringIO()
+    assert repl(model, tok, GenerationSettings(max_new_tokens=3), read=lambda prompt: next(lines), out=out) == 1
+    assert "assistant> " in out.getvalue()
