@@ -50,11 +50,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string, not included in the answer (repeatable)")
     p.add_argument("--seed", type=int, default=d.seed, help="sampler seed: same seed, same text (default: random)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named sampling settings: vicuna = the paper's Vicuna-benchmark generation, nucleus "
+                   "sampling top-p 0.9 at temperature 0.7 (--temperature/--top-p other than their defaults win)")
+
+
+# The QLoRA paper's generation settings for the Vicuna benchmark (Sec. 5.3): nucleus sampling.
+PRESETS = {"vicuna": {"temperature": 0.7, "top_p": 0.9}}
 
 
 def settings_from(args) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+    d, chosen = GenerationSettings(), {"temperature": args.temperature, "top_p": args.top_p}
+    for key, value in PRESETS.get(getattr(args, "preset", None), {}).items():
+        if chosen[key] == getattr(d, key):  # a flag left at its default takes the preset's value
+            chosen[key] = value
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, top_k=args.top_k, stop=tuple(args.stop),
+                              seed=args.seed, **chosen)
 
 
 def load_from(args):
