@@ -83,6 +83,8 @@ def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
     if dtype.quant_type != "bf16":
         quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype)
     net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
+    if dtype.quant_type == "bf16":  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+        net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
 

@@ -16,3 +16,17 @@ def test_plot_gives_coinciding_points_one_label(tmp_path):
     assert sorted(t.get_text() for t in ppl_ax.texts) == ["fp4@64", "int4@64", "nf4@64"]
     assert sorted(t.get_text() for t in acc_ax.texts) == ["int4@64", "nf4@64 = fp4@64"]
     assert (tmp_path / "dt.png").stat().st_size > 1000
+
+
+def test_bf16_row_rounds_weights_to_bf16_whatever_the_compute_dtype():
+    # under --compute-dtype auto an AVX2 CPU computes in fp32: the "bf16" row must still be bf16 weights
+    import torch
+
+    from qlora.evaluate.datatypes import parse_datatype, quantized_copy
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    net = quantized_copy(base, parse_datatype("bf16"), torch.float32)
+    w = base[0].weight.detach()
+    assert net[0].weight.dtype == torch.float32
+    assert torch.equal(net[0].weight, w.bfloat16().float()) and not torch.equal(net[0].weight, w)
