@@ -53,6 +53,9 @@ def register(sub) -> None:
     for add in (_register_perplexity, _register_choice, _register_mmlu, _register_datatypes, _register_generate,
                 _register_judge, _register_elo, _register_compare):
         add(verbs)
+    from . import eval_score  # single-answer scores vs a reference (its own file: this one is full)
+
+    eval_score.register(verbs)
     p.set_defaults(func=lambda args: _help(p))
 
 
