@@ -84,14 +84,16 @@ def save_tiny(path: str, arch: str = "llama", seed: int = 0) -> str:
 def save_tiny_adapter(root, arch: str = "llama", seed: int = 0) -> tuple[str, str]:
     """A tiny model dir and a non-trivial PEFT adapter for it (lora_B random, so it changes outputs)."""
     from . import hf
+    from .adapters import save_adapter
+    from .nn.surgery import lora_layers
 
     model_dir = save_tiny(str(root / f"model-{arch}"), arch)
     net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(seed)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
     adapter_dir = str(root / f"adapter-{arch}")
-    hf.save_adapter(net, adapter_dir, model_dir)
+    save_adapter(net, adapter_dir, model_dir)
     return model_dir, adapter_dir
 
 

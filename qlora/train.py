@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, data, distributed, hf, precision
+from . import __version__, adapters, checkpoint, data, distributed, hf, precision
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
 from .nn.loss import linear_cross_entropy
+from .nn.surgery import add_lora
 
 
 @dataclass
@@ -62,13 +63,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
         model, tokenizer = hf.load(
-            cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-            compute_dtype=precision.torch_dtype(cfg.compute_dtype), quantize_head=cfg.quantize_head, device=device,
-            on_layer=shard,
+            cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
+            quantize_head=cfg.quantize_head, device=device, on_layer=shard,
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
-    hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
@@ -218,7 +218,7 @@ def fit(run: Run, progress: bool = True) -> dict:
         if state.get("data_digest") not in (None, run.data_stats.get("digest")):  # same files, mixture, seed
             raise QloraError(f"{ckpt}: the training examples differ from the checkpoint's (data, mixture, columns "
                              "or lengths changed); resume with the same data and settings")
-        _load_adapter_weights(model, ckpt)
+        adapters.load_weights(model, ckpt)
         opt.load_state(opt_tensors, state["optimizer"])
         checkpoint.set_rng_state(rng_tensors, state["rng"])
         step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
@@ -294,8 +294,9 @@ def fit(run: Run, progress: bool = True) -> dict:
                 log.flush()
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
                 if main:  # the other ranks hold the same state; they wait so that none runs ahead of it
-                    last_good = str(checkpoint.save(ckpt_root, step, lambda d: hf.save_adapter(model, d, cfg.model), opt,
-                                                    dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), data_digest=run.data_stats.get("digest"),
+                    last_good = str(checkpoint.save(ckpt_root, step, lambda d: adapters.save_adapter(model, d, cfg.model), opt,
+                                                    dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
+                                                         data_digest=run.data_stats.get("digest"),
                                                          qlora_version=__version__), cfg.save_total_limit))
                 distributed.barrier()
     bar.close()
@@ -321,18 +322,6 @@ def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")
 
 
-def _load_adapter_weights(model, ckpt: Path) -> None:
-    _, tensors = hf.read_adapter(str(ckpt))
-    expected = hf.adapter_state_dict(model)
-    if set(tensors) != set(expected):
-        raise QloraError(f"{ckpt}: adapter keys do not match this model (checkpoint from another model?)")
-    with torch.no_grad():
-        for key, t in expected.items():
-            if tensors[key].shape != t.shape:
-                raise QloraError(f"{ckpt}: '{key}' has shape {tuple(tensors[key].shape)}, model expects {tuple(t.shape)}")
-            t.copy_(tensors[key])
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
@@ -343,11 +332,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None = None) -> None:
     """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN; with
     the chat format its data taught (data.chat.RECORD: generate, chat and serve use it by default)."""
-    for name, t in hf.adapter_state_dict(model).items():
+    for name, t in adapters.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
-    hf.save_adapter(model, str(tmp), cfg.model)
+    adapters.save_adapter(model, str(tmp), cfg.model)
     if chat_format:
         (tmp / data.chat.RECORD).write_text(json.dumps({"chat_format": chat_format}) + "\n", encoding="utf-8")
     elif (out / data.chat.RECORD).exists():

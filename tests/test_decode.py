@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from qlora import decode, hf
+from qlora.adapters import save_adapter
 from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
+from qlora.nn.surgery import lora_layers
 from qlora.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 PROMPT = "Once upon a time, in a land far away"
@@ -34,9 +36,9 @@ def sharp_dirs(tmp_path_factory):
     tiny_tokenizer().save_pretrained(model_dir)
     net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(0)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
-    hf.save_adapter(net, str(root / "adapter"), model_dir)
+    save_adapter(net, str(root / "adapter"), model_dir)
     return model_dir, str(root / "adapter")
 
 
@@ -126,7 +128,7 @@ def test_plan_follows_the_adapter_weights(sharp):
     ids = tok(PROMPT)["input_ids"]
     list(sample(model, ids, GenerationSettings(), 3))
     plan = model._qlora_decode_plan
-    lora = hf.lora_layers(model)
+    lora = lora_layers(model)
     with torch.no_grad():
         for layer in lora.values():
             layer.lora_B.weight.mul_(4)  # in place: the same tensors, new versions

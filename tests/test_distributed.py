@@ -126,12 +126,13 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 from qlora import distributed, hf
+from qlora.nn.surgery import add_lora
 from qlora.train import loss_sum
 
 device = distributed.init(torch.device("cpu"))
 shard = distributed.layer_sharder(device)
 model, _ = hf.load(sys.argv[1], compute_dtype=torch.float32, on_layer=shard)
-hf.add_lora(model, r=4, dropout=0.0)
+add_lora(model, r=4, dropout=0.0)
 distributed.shard_base(model, shard)
 _, layers = hf.decoder_layers(model)
 

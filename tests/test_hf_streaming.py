@@ -11,7 +11,9 @@ import torch
 
 from qlora import hf, safetensors_reader
 from qlora.errors import QloraError
+from qlora.export.bnb import save_quantized
 from qlora.nn import Linear4bit
+from qlora.nn.surgery import quant_of
 from qlora.tiny import ARCHS
 
 # In a fresh process: peak RSS before and after hf.load, and what the loaded model holds. VmHWM, not
@@ -84,7 +86,7 @@ def test_streaming_load_peak_is_4bit_model_plus_one_tensor(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_quantized_reloads_same_codes_without_requantizing(tiny_dirs, tmp_path, monkeypatch, arch):
     model, tok = hf.load(tiny_dirs[arch])
-    out = hf.save_quantized(model, str(tmp_path / "q4"))
+    out = save_quantized(model, str(tmp_path / "q4"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
 
@@ -93,7 +95,7 @@ def test_save_quantized_reloads_same_codes_without_requantizing(tiny_dirs, tmp_p
 
     monkeypatch.setattr(Linear4bit, "from_linear", no_quantize)
     again, _ = hf.load(str(out))
-    assert again.qlora_quant == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+    assert quant_of(again).as_dict() == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
     ours = {n: m.weight for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     theirs = {n: m.weight for n, m in again.named_modules() if isinstance(m, Linear4bit)}
     assert ours.keys() == theirs.keys() and ours
@@ -117,7 +119,7 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 
 def test_prequantized_codes_are_memory_mapped(tiny_llama, tmp_path):
     model, _ = hf.load(tiny_llama)
-    out = hf.save_quantized(model, str(tmp_path / "q4"))
+    out = save_quantized(model, str(tmp_path / "q4"))
     again, _ = hf.load(str(out))
     codes = next(m for m in again.modules() if isinstance(m, Linear4bit)).weight.data
     assert _mapped_file(codes).endswith("model.safetensors")
@@ -148,7 +150,7 @@ def _tiny_bf16(tmp_path):
 def test_save_quantized_refuses_unquantized_model(tiny_llama, tmp_path):
     model, _ = hf.load(tiny_llama, quant_type="bf16")
     with pytest.raises(QloraError, match="no 4-bit layers"):
-        hf.save_quantized(model, str(tmp_path / "q4"))
+        save_quantized(model, str(tmp_path / "q4"))
 
 
 def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):

@@ -12,10 +12,11 @@ import torch
 import transformers as tf
 
 from qlora import hf, quantize, train
-from qlora.nn import fused
 from qlora.cli import main
 from qlora.config import build_config
 from qlora.errors import QloraError
+from qlora.nn import fused
+from qlora.nn.surgery import add_lora, linear_names, quantize_model
 from qlora.memory import (
     GiB, Settings, TensorPeak, arch_from_config, config_for_size, estimate, largest_batch, layer_activation_bytes,
     load_model_config, measure_peak_rss, plan, preflight, quantized_bytes,
@@ -34,7 +35,7 @@ PAPER = dict(quant_type="nf4", double_quant=True, lora_r=64, lora_targets="all",
 
 
 def _linears(model):
-    return [m for n, m in model.named_modules() if n in hf.linear_names(model)]
+    return [m for n, m in model.named_modules() if n in linear_names(model)]
 
 
 # ---- closed-form counts ----
@@ -79,8 +80,8 @@ def test_bf16_baseline_and_quantized_head():
 def test_lora_params_match_add_lora(arch, targets, lora_dtype):
     model = tiny_model(arch)
     cfg = model.config.to_dict()
-    hf.quantize_model(model)  # GPT-2's Conv1D becomes a Linear4bit, as in the trainer
-    hf.add_lora(model, r=8, targets=targets, dtype=getattr(torch, lora_dtype))
+    quantize_model(model)  # GPT-2's Conv1D becomes a Linear4bit, as in the trainer
+    add_lora(model, r=8, targets=targets, dtype=getattr(torch, lora_dtype))
     trainable = [p for p in model.parameters() if p.requires_grad]
     b = estimate(cfg, lora_r=8, lora_targets=targets, lora_dtype=lora_dtype)
     assert b.n_lora_params == sum(p.numel() for p in trainable)
@@ -99,7 +100,7 @@ def test_optimizer_state_matches_build_optimizer(kind):
 
     model = tiny_model("llama", hidden=128)  # 128 x 64 LoRA matrices: some above the 8-bit minimum of 4096
     cfg = model.config.to_dict()
-    hf.add_lora(model, r=64)
+    add_lora(model, r=64)
     opt = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], kind, lr=1e-3)
     assert estimate(cfg, optimizer=kind).optimizer_states == opt.stats()["state_bytes"]
 
@@ -125,8 +126,8 @@ def _saved_bytes(arch: str, layers: int, dropout: float, attention: str, compute
     model = tiny_model(arch, layers=layers).to(dtype)
     model.set_attn_implementation(attention)
     fused.fuse(model)  # as hf.load does
-    hf.quantize_model(model, compute_dtype=dtype)
-    hf.add_lora(model, r=8, dropout=dropout)
+    quantize_model(model, compute_dtype=dtype)
+    add_lora(model, r=8, dropout=dropout)
     model.train()
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     ids = torch.randint(0, 256, (batch, seq))
@@ -172,8 +173,8 @@ def _peak_of_step(gradient_checkpointing: bool, lora_dtype: str = "float32",
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(cfg).to(getattr(torch, compute_dtype))
     fused.fuse(model)  # as hf.load does
-    hf.quantize_model(model, compute_dtype=getattr(torch, compute_dtype))
-    hf.add_lora(model, r=16, dtype=getattr(torch, lora_dtype))
+    quantize_model(model, compute_dtype=getattr(torch, compute_dtype))
+    add_lora(model, r=16, dtype=getattr(torch, lora_dtype))
     if gradient_checkpointing:
         train.enable_gradient_checkpointing(model)
     model.train()

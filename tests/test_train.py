@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from qlora import hf
+from qlora.adapters import adapter_state_dict
 from qlora.config import build_config
 from qlora.errors import QloraError
+from qlora.nn.surgery import lora_layers
 from qlora.optim import build_optimizer
 from qlora.tiny import ARCHS
 from qlora.train import fit, loss_sum, lr_at, setup
@@ -119,7 +121,7 @@ def test_nan_guard_stops_and_keeps_previous_adapter(tiny_llama, tmp_path):
     fit(run, progress=False)
     good = (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes()
     run2 = setup(_cfg(tmp_path, tiny_llama, max_steps=4, save_steps=1, resume="latest"))
-    layer = next(iter(hf.lora_layers(run2.model).values()))
+    layer = next(iter(lora_layers(run2.model).values()))
     # poison the weights at the first forward of the resumed run (after the checkpoint is loaded)
     def poison(mod, args):
         mod.lora_A.weight.data.fill_(float("nan"))
@@ -132,7 +134,7 @@ def test_nan_guard_stops_and_keeps_previous_adapter(tiny_llama, tmp_path):
 
 def test_nan_policy_skip(tiny_llama, tmp_path):
     run = setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=0, nan_policy="skip"))
-    layer = next(iter(hf.lora_layers(run.model).values()))
+    layer = next(iter(lora_layers(run.model).values()))
     with torch.no_grad():
         layer.lora_B.weight.fill_(float("inf"))
     with pytest.raises(QloraError, match="not finite; the final adapter was not written"):
@@ -177,11 +179,11 @@ def test_bf16_lora_only_adapters_change_dtype_and_are_saved_in_bf16(tiny_llama, 
     fit(runs["bfloat16"], progress=False)
     out = tmp_path / "bfloat16" / "out"
     saved = load_file(str(out / "adapter_model.safetensors"))
-    live = hf.adapter_state_dict(runs["bfloat16"].model)
+    live = adapter_state_dict(runs["bfloat16"].model)
     assert all(t.dtype == torch.bfloat16 and torch.equal(t, live[k]) for k, t in saved.items())
     assert any(bool(t.any()) for k, t in saved.items() if "lora_B" in k)  # it trained
     model, _ = hf.load(tiny_llama, adapters=[str(out)])
-    for name, layer in hf.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert layer.lora_A.weight.dtype == torch.float32
         assert torch.equal(layer.lora_B.weight, saved[f"base_model.model.{name}.lora_B.weight"].float())
 

@@ -22,6 +22,7 @@ from ..precision import canonical, resolve
 from ..nn.fused import FUSED_MODEL_TYPES
 from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
+from ..quant.spec import DEFAULT as QUANT_DEFAULT
 from ..quant.state import NESTED_BLOCKSIZE
 from .arch import Arch, LinearSpec, arch_from_config
 
@@ -56,9 +57,9 @@ SHARD_GATHERED_LAYERS = 2
 
 @dataclass(frozen=True)
 class Settings:
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    quant_type: str = QUANT_DEFAULT.quant_type
+    double_quant: bool = QUANT_DEFAULT.double_quant
+    blocksize: int = QUANT_DEFAULT.blocksize
     quantize_head: bool = False
     lora_r: int = 64
     lora_targets: str = "all"
@@ -165,7 +166,7 @@ def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int
 
 
 def _lora_specs(arch: Arch, s: Settings) -> list[LinearSpec]:
-    from ..hf import ATTENTION_NAMES  # the trainer's own rule for lora_targets="attention"
+    from ..nn.surgery import ATTENTION_NAMES  # the trainer's own rule for lora_targets="attention"
 
     specs = arch.linears()
     if s.lora_targets == "attention":

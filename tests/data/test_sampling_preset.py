@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora.cli import build_parser
-from qlora.cli.generate import settings_from
+from qlora.cli.options import settings_from
 
 
 @pytest.mark.parametrize("verb", [["generate", "hi"], ["chat"], ["eval", "generate"]])

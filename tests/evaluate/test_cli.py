@@ -37,14 +37,16 @@ def files(tmp_path_factory, tiny_dir):
 def adapters(tmp_path_factory, tiny_dir):
     """A freshly initialised adapter (B = 0: the base model exactly) and a trained-looking one."""
     from qlora import hf
+    from qlora.adapters import save_adapter
+    from qlora.nn.surgery import lora_layers
 
     root = tmp_path_factory.mktemp("adapters")
     net, _ = hf.load(tiny_dir, lora=dict(r=4, alpha=8.0, dropout=0.0))
-    hf.save_adapter(net, str(root / "zero"), tiny_dir)
+    save_adapter(net, str(root / "zero"), tiny_dir)
     torch.manual_seed(0)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    hf.save_adapter(net, str(root / "tuned"), tiny_dir)
+    save_adapter(net, str(root / "tuned"), tiny_dir)
     return {"zero": str(root / "zero"), "tuned": str(root / "tuned")}
 
 
@@ -78,7 +80,7 @@ def test_choice_and_mmlu(tiny_dir, files, tmp_path, capsys, monkeypatch):
 
 
 def _expected_bits(net, blocksize, dq):
-    from qlora.hf import linear_names
+    from qlora.nn.surgery import linear_names
 
     bits = params = 0
     for name in linear_names(net):
@@ -91,6 +93,8 @@ def _expected_bits(net, blocksize, dq):
 
 def test_datatypes_table_plot_and_bits(tiny_dir, files, tmp_path, capsys):
     from qlora import hf
+    from qlora.adapters import save_adapter
+    from qlora.nn.surgery import lora_layers
 
     out, png, md = tmp_path / "dt.json", tmp_path / "dt.png", tmp_path / "dt.md"
     rc, stdout, _ = _run(["datatypes", "--model", tiny_dir, "--datatypes", "bf16,nf4+dq,int4@128", "--data",

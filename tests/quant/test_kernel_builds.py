@@ -221,7 +221,9 @@ def test_llama_decode_step(simd, portable, tmp_path):
     """qlora/decode.py's compiled step (norms, 4-bit projections with LoRA, rotary, attention, SiLU,
     the output head and its greedy screen) gives the same logits and tokens in both builds."""
     from qlora import decode, hf
+    from qlora.adapters import save_adapter
     from qlora.generate import load_model
+    from qlora.nn.surgery import lora_layers
     from qlora.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama")
@@ -232,9 +234,9 @@ def test_llama_decode_step(simd, portable, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     net, _ = hf.load(str(tmp_path / "model"), lora=dict(r=4, alpha=8, dropout=0.0))
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=_gen(1)) * 0.05
-    hf.save_adapter(net, str(tmp_path / "adapter"), str(tmp_path / "model"))
+    save_adapter(net, str(tmp_path / "adapter"), str(tmp_path / "model"))
     lm, _ = load_model(str(tmp_path / "model"), [str(tmp_path / "adapter")])
     decoders = [decode.decoder(lm, 40), decode.decoder(lm, 40)]
     if decoders[0] is None:
