@@ -86,9 +86,11 @@ def load_from(args, adapters: list[str] | None = None):
     model, tokenizer = load_model(args.model, adapters, compute_dtype=args.dtype, device=device,
                                   **quant_overrides(args))
     extra = f" + {len(adapters)} adapter(s)" if adapters else ""
+    chat = ""
     if hasattr(args, "chat_format"):  # verbs that render chats: the format is installed on the tokenizer
-        extra += f", chat format {install(tokenizer, args.chat_format, adapters)}"
-    print(f"loaded {model.qlora_source} ({quant_of(model).name}, {args.dtype}{extra})", file=sys.stderr, flush=True)
+        chat = f"; chat format {install(tokenizer, args.chat_format, adapters)}"
+    print(f"loaded {model.qlora_source} ({quant_of(model).name}{extra}, {args.dtype}){chat}", file=sys.stderr,
+          flush=True)
     return model, tokenizer
 
 
