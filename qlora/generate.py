@@ -3,7 +3,7 @@
 The loop is ours rather than `model.generate` so that streaming needs no thread, stop strings never
 leak into the output, and a seed fixes the result: sampling draws from a private torch.Generator,
 never the global RNG. The prompt is run once through the model's forward; then each step feeds
-one token, through qlora/decode.py's compiled step and its own KV cache for llama-family 4-bit
+one token, through qlora/decoder.py's compiled step and its own KV cache for llama-family 4-bit
 models, else through the model's forward again with the cache it returned (a transformers Cache).
 
     prompt (text | chat messages | token ids) -> ids -> prefill -> [pick, decode, step]* -> text
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import decode
+from .decoder import decoder as llama_decoder
 from .errors import QloraError
 
 Prompt = str | list[dict] | list[int]
@@ -148,7 +148,7 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
         gen.manual_seed(s.seed)
     with torch.inference_mode():  # entered around each forward only: a yield must not leak the mode to the caller
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        step = decode.decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
+        step = llama_decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
         if step is not None:
             step.load(out.past_key_values, len(ids))
     logits, token = out.logits[0, -1], None

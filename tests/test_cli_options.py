@@ -7,7 +7,7 @@ import pytest
 
 from qlora.cli import build_parser, main
 from qlora.quant.blockwise import BLOCKSIZES
-from qlora.tiny import save_tiny_adapter
+from tiny import save_tiny_adapter
 
 MODEL_VERBS = (["generate", "hi"], ["chat"], ["serve"], ["eval", "perplexity"], ["eval", "choice"],
                ["merge", "--adapter", "a", "--output-dir", "o"], ["export", "--format", "bnb", "--output-dir", "o"])

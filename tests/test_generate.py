@@ -12,7 +12,7 @@ from qlora.cli import main
 from qlora.errors import QloraError
 from qlora.generate import GenerationSettings, _Detokenizer, encode_prompt, generate, load_model, pick, sample, stream
 from qlora.nn import Linear4bit
-from qlora.tiny import save_tiny, save_tiny_adapter, tiny_tokenizer
+from tiny import save_tiny, save_tiny_adapter, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

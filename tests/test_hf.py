@@ -8,7 +8,7 @@ from qlora.adapters import adapter_state_dict, load_adapter, save_adapter
 from qlora.errors import QloraError
 from qlora.nn import Linear4bit, LoRALinear
 from qlora.nn.surgery import add_lora, linear_names, lora_layers
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 
 
 def _ids(tok, text="The quick brown fox"):

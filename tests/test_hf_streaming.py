@@ -14,7 +14,7 @@ from qlora.errors import QloraError
 from qlora.export.bnb import save_quantized
 from qlora.nn import Linear4bit
 from qlora.nn.surgery import quant_of
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 
 # In a fresh process: peak RSS before and after hf.load, and what the loaded model holds. VmHWM, not
 # ru_maxrss: a child's ru_maxrss starts at its parent's RSS (kept across fork + exec), here pytest's.
@@ -33,14 +33,16 @@ before = hwm()
 model, _ = hf.load(sys.argv[1])
 after = hwm()
 held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # 4-bit codes too
-assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit) for p in (m.weight_data, m.weight_absmax))
+assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit)
+           for p in (m.weight_data, m.weight_absmax))
 print(json.dumps({"growth": after - before, "held": held}))
 """
 
 
 def llama_shapes(vocab: int, hidden: int, inter: int, layers: int) -> dict[str, tuple]:
     """LLaMA's checkpoint keys and shapes (untied head, no biases)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
@@ -55,7 +57,7 @@ def _write_llama(path, hidden=1024, inter=2816, layers=8, vocab=8000):
     (randn of the whole model would be most of the test's time)."""
     from safetensors.torch import save_file
 
-    from qlora.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     block = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     sd = {k: block.repeat(-(-math.prod(s) // block.numel()))[: math.prod(s)].view(s) if len(s) > 1
@@ -139,7 +141,7 @@ def test_16bit_load_maps_kept_tensors_and_copies_nothing_it_quantizes(tmp_path):
 
 
 def _tiny_bf16(tmp_path):
-    from qlora.tiny import save_tiny, tiny_model
+    from tiny import save_tiny, tiny_model
 
     d = tmp_path / "tiny_bf16"
     save_tiny(str(d))
@@ -160,7 +162,8 @@ def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):
     save_file(sd, str(tmp_path / "x.safetensors"))
     ref = load_file(str(tmp_path / "x.safetensors"))
     for map_if in (None, lambda name, dtype: name != "b"):
-        got = {k: (v.clone(), mapped) for k, v, mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
+        got = {k: (v.clone(), mapped) for k, v,
+               mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
         assert got.keys() == ref.keys() and all(torch.equal(got[k][0], ref[k]) for k in ref)
         assert [got[k][1] for k in "abc"] == ([False] * 3 if map_if is None else [True, False, True])
     raw = (tmp_path / "x.safetensors").read_bytes()

@@ -13,14 +13,15 @@ from qlora.config import build_config
 from qlora.errors import QloraError
 from qlora.nn.surgery import lora_layers
 from qlora.optim import build_optimizer
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 from qlora.train import fit, loss_sum, lr_at, setup
 
 
 def _write_rows(path: Path, n: int = 40) -> str:
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"instruction": f"Repeat {i * 7 % 100}.", "input": "", "output": f"{i * 7 % 100}"}) + "\n")
+            n = i * 7 % 100
+            f.write(json.dumps({"instruction": f"Repeat {n}.", "input": "", "output": f"{n}"}) + "\n")
     return str(path)
 
 
@@ -100,7 +101,10 @@ def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype
     part_cfg = _cfg(tmp_path / "part", tiny_llama, max_steps=3, **kw)
     fit(setup(part_cfg), progress=False)
     resumed = fit(setup(_cfg(tmp_path / "part", tiny_llama, resume="latest", **kw)), progress=False)
-    read = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    def read(d):
+        rows = map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
+
     assert read(full["output_dir"]) == read(resumed["output_dir"])
     a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed["output_dir"]) / "adapter_model.safetensors"))
@@ -127,7 +131,8 @@ def test_nan_guard_stops_and_keeps_previous_adapter(tiny_llama, tmp_path):
         mod.lora_A.weight.data.fill_(float("nan"))
 
     layer.register_forward_pre_hook(poison)
-    with pytest.raises(QloraError, match=r"non-finite loss/gradient at step 3 \(examples \[.*\]\).*last good checkpoint: .*step-000002"):
+    with pytest.raises(QloraError, match=r"non-finite loss/gradient at step 3 \(examples \[.*\]\)"
+                                         r".*last good checkpoint: .*step-000002"):
         fit(run2, progress=False)
     assert (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes() == good
 
@@ -206,7 +211,8 @@ def test_cli_end_to_end(tiny_llama, tmp_path):
                         str(out), "--max-steps", "3", "--batch-size", "2", "--lora-r", "4", "--logging-steps", "1",
                         "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= written
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in recs if "loss" in r)
@@ -220,7 +226,8 @@ def test_cli_end_to_end(tiny_llama, tmp_path):
 def test_cli_bad_input_one_line_nonzero_exit_nothing_written(tiny_llama, tmp_path, args, match):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "qlora", "train", "--model", tiny_llama, "--output-dir", str(out),
-                        "--data", _write_rows(tmp_path / "ok.jsonl")] + args, capture_output=True, text=True, timeout=300)
+                        "--data", _write_rows(tmp_path / "ok.jsonl")] + args, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2
     assert match in r.stderr
     assert not out.exists()

@@ -28,7 +28,8 @@ def parse_datatype(spec: str) -> QuantSpec:
     m = _SPEC.match(spec.strip().lower())
     unquantized = m is not None and m["type"] == UNQUANTIZED
     if not m or (not unquantized and m["type"] not in QUANT_TYPES) or (unquantized and (m["dq"] or m["bs"])):
-        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, {', '.join(QUANT_TYPES)}")
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, "
+                         f"{', '.join(QUANT_TYPES)}")
     return QuantSpec(m["type"], int(m["bs"] or DEFAULT.blocksize), bool(m["dq"]))
 
 

@@ -2,7 +2,7 @@
 
 Every count follows what the code stores: 4-bit weights as qlora.quant lays them out, optimizer
 pages as qlora.optim lays them out, and activations as what autograd saves in a transformers
-decoder wrapped by qlora.nn (checked tensor by tensor in tests/test_memory.py). The parts add up
+decoder wrapped by qlora.nn (checked tensor by tensor in tests/memory/test_estimate.py). The parts add up
 to the peak, which comes at the start of backward: every saved activation and the loss's vocab-wide
 tensors are alive together, gradients arrive as they go. Taking all of them at once over-counts by
 at most the LoRA gradients.
@@ -199,7 +199,8 @@ def _rank_share(arch: Arch, s: Settings, codes: int, scales: int) -> tuple[int, 
     layer = [quantized_bytes(x.in_features * x.out_features, s.blocksize, s.double_quant) for x in arch.linears()]
 
     def share(total: int, per_layer: int) -> int:
-        return total - per_layer * arch.layers + -(-per_layer * arch.layers // s.shards) + SHARD_GATHERED_LAYERS * per_layer
+        sharded = -(-per_layer * arch.layers // s.shards)
+        return total - per_layer * arch.layers + sharded + SHARD_GATHERED_LAYERS * per_layer
 
     return share(codes, sum(c for c, _ in layer)), share(scales, sum(b for _, b in layer))
 
@@ -217,8 +218,8 @@ def _attention_bytes(arch: Arch, s: Settings) -> int:
     """Per token per layer. SDPA (flash / memory-efficient kernels) saves q, k, v, the output and
     an fp32 logsumexp per head; with grouped-query attention k and v are repeated to all heads (a
     free view for a single kv head) and the padding mask row is saved whenever a batch has padding
-    (counted always). Eager saves q, k, v and the fp32 softmax plus its
-    compute-dtype copy (T scores per head; one tensor when the compute dtype is fp32). GPT-2 keeps its softmax in the compute dtype and drops
+    (counted always). Eager saves q, k, v and the fp32 softmax plus its compute-dtype copy (T scores
+    per head; one tensor when the compute dtype is fp32). GPT-2 keeps its softmax in the compute dtype and drops
     out attention probabilities in training (noise and result saved); on CPU, SDPA with dropout
     falls back to the math path, which saves all of that in fp32."""
     c, q, T = s.c, arch.heads * arch.head_dim, s.seq_len

@@ -50,13 +50,6 @@ class QuantizedTensor:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def block_scales(self) -> torch.Tensor:
-        """fp32 absmax per block (undoing Double Quantization if used)."""
-        if not self.double_quant:
-            return self.absmax
-        scales = kernels.dequantize_8bit(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE)
-        return scales + self.offset
-
     def to(self, device) -> "QuantizedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedTensor(

@@ -26,8 +26,11 @@ def files(tmp_path_factory, tiny_dir):
         '{"instruction": "Color of sky", "input": "", "output": "blue"}\n', encoding="utf-8")
     eval_dir = root / "eval"
     eval_dir.mkdir()
-    dev = [{"subject": "algebra", "question": f"d{i}?", "choices": ["1", "2", "3", "4"], "answer": i % 4} for i in range(5)]
-    test = [{"subject": "algebra", "question": f"t{i}?", "choices": ["1", "2", "3", "4"], "answer": i % 4} for i in range(3)]
+    def row(q, i):
+        return {"subject": "algebra", "question": q, "choices": ["1", "2", "3", "4"], "answer": i % 4}
+
+    dev = [row(f"d{i}?", i) for i in range(5)]
+    test = [row(f"t{i}?", i) for i in range(3)]
     (eval_dir / "mmlu_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
     (eval_dir / "mmlu_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     return root
@@ -142,7 +145,8 @@ def test_compare_adapters(tiny_dir, files, adapters, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert rc == 0 and r["diff"] != 0.0 and r["n"] == 3 and "95% CI" in stdout
     rc, _, _ = _run(["compare", adapters["zero"], "base", "--model", tiny_dir, "--data", str(files / "heldout.jsonl"),
-                     "--metric", "exact_match", "--max-new-tokens", "2", "--rounds", "50", "--output", str(out)], capsys)
+                     "--metric", "exact_match", "--max-new-tokens", "2", "--rounds", "50", "--output", str(out)],
+                    capsys)
     r = json.loads(out.read_text())
     assert rc == 0 and r["metric"] == "exact_match" and r["a"]["scores"] == r["b"]["scores"]
 
