@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import save_tiny, tiny_tokenizer
 
 from qlora import hf
 from qlora.cli import main
@@ -15,7 +16,6 @@ from qlora.config import build_config
 from qlora.data.chat import RECORD, install, jinja_template, recorded, render_named
 from qlora.errors import QloraError
 from qlora.generate import GenerationSettings, stream
-from qlora.tiny import save_tiny, tiny_tokenizer
 from qlora.train import fit, setup
 
 CONVERSATIONS = [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import tiny_tokenizer
 
 from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, build_examples, detect_format, read_dataset
 from qlora.data.formats import FORMATS, SHAPES
 from qlora.errors import QloraError
-from qlora.tiny import tiny_tokenizer
 
 LIMITS = dict(max_source_len=384, max_target_len=256, max_seq_len=512)
 CHIP2 = "<human>: What is 2+2?\n<bot>: 4\n<human>: And 3+3?\n<bot>: 6\n"

@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny import tiny_tokenizer
 
 from qlora.data import build_examples, read_dataset
 from qlora.errors import QloraError
-from tiny import tiny_tokenizer
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 

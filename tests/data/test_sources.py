@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny_tokenizer
 
 from qlora.config import build_config
 from qlora.data import build_examples, build_mixture, parse_sources, read_sources
@@ -13,7 +14,6 @@ from qlora.data.chat import ALPACA_SYSTEM, render_chat, resolve_chat_format
 from qlora.data.examples import _special_prefix
 from qlora.data.sources import Source
 from qlora.errors import QloraError
-from qlora.tiny import tiny_tokenizer
 
 LIMITS = dict(max_source_len=64, max_target_len=64, max_seq_len=128)
 
