@@ -1,7 +1,8 @@
 """Rows -> tokenized training examples with target-only labels, counted truncation, validation split.
 
-An example is {"input_ids": [...], "labels": [...], "row": i}: labels equal input_ids on target
-tokens and are -100 on prompt tokens (unless train_on_source), `row` is the source row index.
+An example is {"input_ids": [...], "labels": [...], "row": i, "targets": n}: labels equal input_ids on
+target tokens and are -100 on prompt tokens (unless train_on_source), `row` is the source row index,
+`targets` the number of positions the next-token loss learns (labels[1:] that are not -100).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def build_examples(rows: list[dict], fmt: str, tokenizer, max_source_len: int, m
             setattr(stats, f"truncated_{key}", getattr(stats, f"truncated_{key}") + was_cut)
         stats.truncated += any(cut.values())
         labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
-        examples.append({"input_ids": ids, "labels": list(labels), "row": i})
+        # targets: positions the shifted loss learns (label of token t+1 at t), counted once here, not per step
+        examples.append({"input_ids": ids, "labels": list(labels), "row": i,
+                         "targets": sum(t != IGNORE_INDEX for t in labels[1:])})
         stats.tokens += len(ids)
         stats.target_tokens += sum(is_target)
     stats.examples = len(examples)
