@@ -13,10 +13,15 @@ def peak_rss_mb() -> float:
 
 
 def log_window(log, bar, step: int, window: list[dict], lr: float, grad_norm: float, seconds: float) -> None:
-    """One metrics.jsonl record for the steps since the last: mean loss, last lr and norm, tokens/s, peak RSS."""
+    """One metrics.jsonl record for the steps since the last: mean loss, last lr and norm, tokens/s, peak RSS;
+    for preference objectives also the per-pair means of what the window summed (reward margin and
+    accuracy, chosen and rejected log-probabilities)."""
     rec = {"step": step, "loss": round(sum(w["loss"] for w in window) / len(window), 6), "lr": lr,
            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(sum(w["tokens"] for w in window) / seconds, 1),
            "peak_rss_mb": round(peak_rss_mb(), 1)}
+    pairs = sum(w.get("pairs", 0) for w in window)
+    for key in (k for k in window[0] if k not in ("loss", "tokens", "pairs")):
+        rec[key] = round(sum(w[key] for w in window) / max(pairs, 1), 6)
     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", rss=f"{rec['peak_rss_mb']:.0f}MB")
     write(log, rec)
 

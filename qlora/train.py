@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint, data, distributed, hf, metrics, precision
+from . import __version__, checkpoint, data, distributed, hf, metrics, objectives, precision
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
+from .data import preference
 from .metrics import peak_rss_mb
-from .objectives import loss_sum  # noqa: F401  (re-exported: the SFT loss)
+from .objectives import loss_sum
 
 
 @dataclass
@@ -54,11 +55,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
-    if rows is None:
-        rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
-    else:
-        rows, fmt = rows
-        data.validate_rows(rows, fmt, cfg.data)
+    rows, fmt = _read_rows(cfg, rows)  # errors name file:line before the model loads
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
     cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
     if model is None:
@@ -82,16 +79,31 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         return_freed_memory()
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
-    examples, stats = data.build_examples(
-        rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
-        max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data,
-    )
+    if cfg.objective == "sft":
+        examples, stats = data.build_examples(
+            rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
+            max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data)
+    else:
+        examples, stats = preference.build_pairs(rows, tokenizer, cfg.max_source_len, cfg.max_target_len,
+                                                 cfg.max_seq_len, source=cfg.data)
     train_set, val_set = data.split_train_val(examples, cfg.val_fraction, cfg.seed)
     if not train_set:
         raise QloraError(f"{cfg.data}: no training examples left after the validation split")
     print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
     return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt),
                resume_from)
+
+
+def _read_rows(cfg: TrainConfig, given: tuple[list[dict], str] | None) -> tuple[list[dict], str]:
+    """(rows, format) of cfg.data, or of the rows given in memory, validated for cfg.objective."""
+    if cfg.objective != "sft":
+        rows = preference.read_pairs(cfg.data) if given is None else given[0]
+        preference.validate_pairs(rows, cfg.data)
+        return rows, "preference"
+    if given is None:
+        return data.read_dataset(cfg.data, cfg.data_format)
+    data.validate_rows(*given, cfg.data)
+    return given
 
 
 def resolve_compute_dtype(cfg: TrainConfig, device, ckpt: Path | None = None) -> str:
@@ -145,11 +157,11 @@ def validation_loss(run: Run) -> float | None:
         return None
     run.model.eval()
     total, count = 0.0, 0
-    for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+    for idx in data.epoch_batches([preference.length(e) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
         idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share
         if not idx:
             continue
-        s, _ = batch_loss(run, [run.val_set[i] for i in idx])
+        s, _, _ = batch_loss(run, [run.val_set[i] for i in idx])
         total, count = total + weight * float(s), count + int(weight * sum(run.val_set[i]["targets"] for i in idx))
     total, count = distributed.sum_over_ranks(total, count)
     run.model.train()
@@ -186,7 +198,7 @@ def fit(run: Run, progress: bool = True) -> dict:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    plan = data.BatchPlan(tuple(len(e["input_ids"]) for e in run.train_set), cfg.batch_size, cfg.seed,
+    plan = data.BatchPlan(tuple(map(preference.length, run.train_set)), cfg.batch_size, cfg.seed,
                           cfg.group_by_length)
     batches = plan.iterate(epoch, cursor)  # endless (epoch, index, example indices) from the saved position
     last_good = next((str(c) for c in checkpoint.candidates(out / "checkpoints")), None)
@@ -196,21 +208,12 @@ def fit(run: Run, progress: bool = True) -> dict:
         while step < cfg.max_steps:
             # 1. this step's micro-batches; the position saved is that of the next one
             epoch, cursor, micro = _take(batches, cfg.grad_accum)
-            # 2. forward/backward, loss weighted by target tokens across the accumulated batches
-            #    (n_targets counts the whole global batch, so data-parallel ranks scale their shares alike)
-            n_targets = sum(run.train_set[i]["targets"] for idx in micro for i in idx)
+            # 2. forward/backward over the micro-batches, the loss weighted by target tokens (sft) or pairs
             distributed.seed_step(cfg.seed, step)
-            step_loss, step_tokens = 0.0, 0
-            for idx in micro:
-                idx, weight = _my_share(idx, cfg)  # data parallel: this rank's share of the micro-batch
-                if not idx:
-                    continue
-                s, tokens = batch_loss(run, [run.train_set[i] for i in idx])
-                (s * weight / n_targets).backward()
-                step_loss += weight * float(s.detach()) / n_targets
-                step_tokens += int(weight * tokens)
-            # data parallel: sum LoRA gradients, loss and tokens over ranks (one all-reduce; no-op in one process)
-            step_loss, step_tokens = distributed.all_reduce_grads(params, step_loss, step_tokens)
+            step_loss, step_tokens, sums = _forward_backward(run, micro)
+            # data parallel: sum LoRA gradients, loss, tokens and metrics over ranks (one all-reduce; no-op in one process)
+            step_loss, step_tokens, *totals = distributed.all_reduce_grads(params, step_loss, step_tokens,
+                                                                           *sums.values())
             # 3. guard, clip, step
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -220,7 +223,7 @@ def fit(run: Run, progress: bool = True) -> dict:
                 skipped += _refuse_or_skip(cfg, step, micro, last_good)
             opt.zero_grad(set_to_none=True)
             step += 1
-            window.append({"loss": step_loss, "tokens": step_tokens})
+            window.append({"loss": step_loss, "tokens": step_tokens, **dict(zip(sums, totals))})
             bar.update(1)
             # 4. log, evaluate, checkpoint
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
@@ -256,11 +259,37 @@ def _save(run: Run, opt, step: int, epoch: int, cursor: int) -> str:
                                cfg.save_total_limit))
 
 
-def batch_loss(run: Run, examples: list[dict]) -> tuple[torch.Tensor, int]:
-    """(summed loss, tokens) of one micro-batch: the loss summed over what `example["targets"]` counts."""
-    batch = _to_device(data.collate(examples, run.tokenizer.pad_token_id), run.device)
-    s, _ = loss_sum(run.model, batch)
-    return s, int(batch["attention_mask"].sum())
+def _forward_backward(run: Run, micro: list[list[int]]) -> tuple[float, int, dict]:
+    """Backward of the step's loss, token-weighted (sft) or pair-weighted (dpo, orpo) across the
+    accumulated micro-batches: n_targets counts the whole global batch, so data-parallel ranks scale
+    their shares alike. -> (loss, tokens, metric sums) of this rank."""
+    n_targets = sum(run.train_set[i]["targets"] for idx in micro for i in idx)
+    loss, tokens, sums = 0.0, 0, {}
+    for idx in micro:
+        idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share of the micro-batch
+        if not idx:
+            continue
+        s, n, batch_sums = batch_loss(run, [run.train_set[i] for i in idx])
+        (s * weight / n_targets).backward()
+        loss += weight * float(s.detach()) / n_targets
+        tokens += int(weight * n)
+        for k, v in batch_sums.items():
+            sums[k] = sums.get(k, 0.0) + weight * v
+    if run.cfg.objective != "sft" and not sums:  # a rank without examples still all-reduces the same keys
+        sums = dict.fromkeys(objectives.PREFERENCE_METRICS, 0.0)
+    return loss, tokens, sums
+
+
+def batch_loss(run: Run, examples: list[dict]) -> tuple[torch.Tensor, int, dict]:
+    """(summed loss, tokens, metric sums) of one micro-batch: the loss summed over what `example["targets"]`
+    counts (target tokens for sft, pairs for dpo/orpo)."""
+    pad = run.tokenizer.pad_token_id
+    if run.cfg.objective == "sft":
+        batch = _to_device(data.collate(examples, pad), run.device)
+        return loss_sum(run.model, batch)[0], int(batch["attention_mask"].sum()), {}
+    batch = _to_device(preference.collate_pairs(examples, pad), run.device)
+    s, sums = objectives.preference_loss(run.model, batch, run.cfg.objective, run.cfg.beta)
+    return s, int(batch["attention_mask"].sum()), sums
 
 
 def resume(run: Run, opt, metrics_path: Path) -> tuple[int, int, int]:
@@ -316,7 +345,7 @@ def finish(run: Run, opt, summary: dict) -> dict:
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size", "grad_accum",
+    for key in ("model", "objective", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size", "grad_accum",
                 "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
