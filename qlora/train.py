@@ -18,8 +18,8 @@ import torch
 
 from . import __version__, checkpoint, data, distributed, hf, metrics, objectives, precision
 from .config import TrainConfig, parse_size, to_dict
-from .errors import QloraError
 from .data import preference
+from .errors import QloraError
 from .metrics import peak_rss_mb
 from .objectives import loss_sum
 

@@ -191,3 +191,13 @@ def test_preflight_counts_two_sequences_per_pair():
     dpo = settings_for(build_config({"batch_size": 3, "max_target_len": 40, "objective": "dpo"}))
     assert (sft["batch_size"], sft["target_tokens"]) == (3, None)
     assert (dpo["batch_size"], dpo["target_tokens"], dpo["objective"]) == (6, 40, "dpo")
+
+
+def test_dpo_under_gradient_checkpointing_matches(tiny_llama, tmp_path):
+    """The reference pass runs forward-only inside a checkpointed model; the step is unchanged."""
+    losses = []
+    for gc in (False, True):
+        out = fit(setup(_cfg(tmp_path / str(gc), tiny_llama, max_steps=2, save_steps=0, lora_dropout=0.0,
+                             gradient_checkpointing=gc)), progress=False)
+        losses.append([json.loads(ln)["loss"] for ln in (Path(out["output_dir"]) / "metrics.jsonl").read_text().splitlines()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
