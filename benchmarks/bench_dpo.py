@@ -76,7 +76,8 @@ def run_trl(steps: int) -> dict:
 
 
 def _result(total: float, steps: int, loss) -> dict:
-    return {"steps": steps, "train_s": round(total, 2), "pairs_per_s": round(steps * BATCH / total, 3), "last_loss": loss,
+    return {"steps": steps, "train_s": round(total, 2), "pairs_per_s": round(steps * BATCH / total, 3),
+            "last_loss": loss,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 from .errors import QloraError
 from .precision import spelled
+from .quant.spec import DEFAULT as QUANT_DEFAULT, QuantSpec
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
@@ -34,11 +35,11 @@ class TrainConfig:
     # ---- model ----
     model: Optional[str] = None
     """Local HF directory, GGUF file, or hub name. Default: the embedded SmolLM2-135M-Instruct."""
-    quant_type: QuantType = "nf4"
+    quant_type: QuantType = QUANT_DEFAULT.quant_type
     """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA)."""
-    double_quant: bool = True
+    double_quant: bool = QUANT_DEFAULT.double_quant
     """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
-    blocksize: int = 64
+    blocksize: int = QUANT_DEFAULT.blocksize
     """Elements per absmax block of the 4-bit weights (32..4096)."""
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16 natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
@@ -130,6 +131,11 @@ class TrainConfig:
     shard_base: bool = False
     """With several processes: shard each decoder layer's frozen 4-bit weights and norms over the ranks
     (FSDP2), gathered per layer for its forward and backward; LoRA stays data-parallel."""
+
+    @property
+    def quant(self) -> QuantSpec:
+        """quant_type, blocksize and double_quant as one QuantSpec."""
+        return QuantSpec(self.quant_type, self.blocksize, self.double_quant)
 
 
 @functools.cache
@@ -232,8 +238,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"{source}: val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ConfigError(f"{source}: blocksize must be a power of two in 32..4096, got {cfg.blocksize}")
+    try:
+        cfg.quant.check()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     if cfg.optimizer_memory_budget is not None:
         parse_size(cfg.optimizer_memory_budget, f"{source}: optimizer_memory_budget")
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint, data, distributed, hf, metrics, objectives, precision
+from . import __version__, adapters, checkpoint, data, distributed, hf, metrics, objectives, precision
 from .config import TrainConfig, parse_size, to_dict
 from .data import preference
 from .errors import QloraError
 from .metrics import peak_rss_mb
+from .nn.surgery import add_lora
 from .objectives import loss_sum
 
 
@@ -64,13 +65,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
         model, tokenizer = hf.load(
-            cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-            compute_dtype=precision.torch_dtype(cfg.compute_dtype), quantize_head=cfg.quantize_head, device=device,
-            on_layer=shard,
+            cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
+            quantize_head=cfg.quantize_head, device=device, on_layer=shard,
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
-    hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
@@ -157,7 +157,8 @@ def validation_loss(run: Run) -> float | None:
         return None
     run.model.eval()
     total, count = 0.0, 0
-    for idx in data.epoch_batches([preference.length(e) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+    lengths = [preference.length(e) for e in run.val_set]
+    for idx in data.epoch_batches(lengths, run.cfg.batch_size, run.cfg.seed, 0, False):
         idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share
         if not idx:
             continue
@@ -211,7 +212,7 @@ def fit(run: Run, progress: bool = True) -> dict:
             # 2. forward/backward over the micro-batches, the loss weighted by target tokens (sft) or pairs
             distributed.seed_step(cfg.seed, step)
             step_loss, step_tokens, sums = _forward_backward(run, micro)
-            # data parallel: sum LoRA gradients, loss, tokens and metrics over ranks (one all-reduce; no-op in one process)
+            # data parallel: sum LoRA gradients, loss, tokens and metrics over ranks (one all-reduce; no-op alone)
             step_loss, step_tokens, *totals = distributed.all_reduce_grads(params, step_loss, step_tokens,
                                                                            *sums.values())
             # 3. guard, clip, step
@@ -254,7 +255,7 @@ def _save(run: Run, opt, step: int, epoch: int, cursor: int) -> str:
     """A full checkpoint (adapter, optimizer, RNG, data position, config), written atomically."""
     cfg = run.cfg
     return str(checkpoint.save(Path(cfg.output_dir) / "checkpoints", step,
-                               lambda d: hf.save_adapter(run.model, d, cfg.model), opt,
+                               lambda d: adapters.save_adapter(run.model, d, cfg.model), opt,
                                dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), qlora_version=__version__),
                                cfg.save_total_limit))
 
@@ -303,7 +304,7 @@ def resume(run: Run, opt, metrics_path: Path) -> tuple[int, int, int]:
     ckpt = run.resume_from
     state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
     _check_compatible(state, run.cfg, ckpt)
-    _load_adapter_weights(run.model, ckpt)
+    adapters.load_weights(run.model, ckpt)
     opt.load_state(opt_tensors, state["optimizer"])
     checkpoint.set_rng_state(rng_tensors, state["rng"])
     if main:
@@ -345,32 +346,22 @@ def finish(run: Run, opt, summary: dict) -> dict:
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "objective", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size", "grad_accum",
-                "seed"):
+    for key in ("model", "objective", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size",
+                "grad_accum", "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")
 
 
-def _load_adapter_weights(model, ckpt: Path) -> None:
-    _, tensors = hf.read_adapter(str(ckpt))
-    expected = hf.adapter_state_dict(model)
-    if set(tensors) != set(expected):
-        raise QloraError(f"{ckpt}: adapter keys do not match this model (checkpoint from another model?)")
-    with torch.no_grad():
-        for key, t in expected.items():
-            if tensors[key].shape != t.shape:
-                raise QloraError(f"{ckpt}: '{key}' has shape {tuple(tensors[key].shape)}, model expects {tuple(t.shape)}")
-            t.copy_(tensors[key])
 
 
 def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
     """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
-    for name, t in hf.adapter_state_dict(model).items():
+    for name, t in adapters.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
-    hf.save_adapter(model, str(tmp), cfg.model)
+    adapters.save_adapter(model, str(tmp), cfg.model)
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         os.replace(tmp / f, out / f)
     tmp.rmdir()

@@ -14,12 +14,14 @@ from qlora.config import build_config
 from qlora.data import preference
 from qlora.errors import QloraError
 from qlora.nn.lora import LoRALinear, disabled
+from qlora.nn.surgery import add_lora
 from qlora.objectives import preference_loss, sequence_logps
 from qlora.train import fit, setup
 
 ROWS = [
     {"prompt": "Repeat 12:", "chosen": " 12", "rejected": " 13"},
-    {"prompt": [{"role": "user", "content": "Say 7."}], "chosen": "7", "rejected": [{"role": "assistant", "content": "8"}]},
+    {"prompt": [{"role": "user", "content": "Say 7."}], "chosen": "7",
+     "rejected": [{"role": "assistant", "content": "8"}]},
     {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
     {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
      "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
@@ -75,7 +77,7 @@ def _policy_and_batch(tiny_llama):
     with torch.no_grad():
         base_logps, _ = sequence_logps(model, batch)  # before LoRA: the base model itself
     torch.manual_seed(0)
-    hf.add_lora(model, r=4, alpha=8, dropout=0.0)
+    add_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -199,5 +201,6 @@ def test_dpo_under_gradient_checkpointing_matches(tiny_llama, tmp_path):
     for gc in (False, True):
         out = fit(setup(_cfg(tmp_path / str(gc), tiny_llama, max_steps=2, save_steps=0, lora_dropout=0.0,
                              gradient_checkpointing=gc)), progress=False)
-        losses.append([json.loads(ln)["loss"] for ln in (Path(out["output_dir"]) / "metrics.jsonl").read_text().splitlines()])
+        lines = (Path(out["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(ln)["loss"] for ln in lines])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -41,8 +41,9 @@ def validate_pairs(rows: list, source: str) -> None:
 def split(row, loc) -> tuple[object, object, object]:
     """(prompt, chosen, rejected): strings, or a message list and two assistant-message lists."""
     if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        got = sorted(row) if isinstance(row, dict) else type_name(row)
         raise QloraError(f"{loc()}: a preference row needs 'chosen' and 'rejected' (and 'prompt' unless they are "
-                         f"HH-RLHF dialogues sharing their prompt); got {type_name(row) if not isinstance(row, dict) else sorted(row)}")
+                         f"HH-RLHF dialogues sharing their prompt); got {got}")
     chosen, rejected = row["chosen"], row["rejected"]
     if "prompt" not in row:
         return _shared_prompt(chosen, rejected, loc)
@@ -61,7 +62,8 @@ def split(row, loc) -> tuple[object, object, object]:
 
 def _check_messages(messages, key: str, loc) -> None:
     if not isinstance(messages, list) or not messages:
-        raise QloraError(f"{loc()}: '{key}' must be a string or a non-empty list of messages, got {type_name(messages)}")
+        raise QloraError(f"{loc()}: '{key}' must be a string or a non-empty list of messages, "
+                         f"got {type_name(messages)}")
     for j, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise QloraError(f"{loc()}: {key}[{j}] must be an object with string role and content, got {type_name(m)}")

@@ -12,35 +12,25 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import QloraError
 from ..quant import QUANT_TYPES
+from ..quant.spec import DEFAULT, UNQUANTIZED, QuantSpec
 
 _SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?$")
 
 
-@dataclass(frozen=True)
-class DataType:
-    quant_type: str  # "bf16" or one of quant.QUANT_TYPES
-    double_quant: bool = False
-    blocksize: int = 64
-
-    @property
-    def name(self) -> str:
-        if self.quant_type == "bf16":
-            return "bf16"
-        return f"{self.quant_type}{'+dq' if self.double_quant else ''}@{self.blocksize}"
-
-
-def parse_datatype(spec: str) -> DataType:
-    """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> DataType."""
+def parse_datatype(spec: str) -> QuantSpec:
+    """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> QuantSpec (its .name is the spelling back; no
+    "+dq" means without Double Quantization here, no "@" the default blocksize)."""
     m = _SPEC.match(spec.strip().lower())
-    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (m["type"] == "bf16" and (m["dq"] or m["bs"])):
-        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, {', '.join(QUANT_TYPES)}")
-    return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64))
+    unquantized = m is not None and m["type"] == UNQUANTIZED
+    if not m or (not unquantized and m["type"] not in QUANT_TYPES) or (unquantized and (m["dq"] or m["bs"])):
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, "
+                         f"{', '.join(QUANT_TYPES)}")
+    return QuantSpec(m["type"], int(m["bs"] or DEFAULT.blocksize), bool(m["dq"]))
 
 
 DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256")
@@ -48,8 +38,8 @@ DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq
 
 def linear_bits(net) -> tuple[float, int]:
     """(parameter-weighted bits per parameter of the linear weights, their parameter count)."""
-    from ..hf import linear_names
     from ..nn import Linear4bit
+    from ..nn.surgery import linear_names
 
     bits, count = 0, 0
     for module in net.modules():
@@ -76,23 +66,22 @@ def model_megabytes(net) -> float:
     return total / 2**20
 
 
-def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
-    from ..hf import quantize_model
+def quantized_copy(base, dtype: QuantSpec, compute_dtype: torch.dtype):
+    from ..nn.surgery import quantize_model
 
     net = copy.deepcopy(base)
-    if dtype.quant_type != "bf16":
-        quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype)
-    net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
-    if dtype.quant_type == "bf16":  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+    if dtype.quantized:
+        quantize_model(net, dtype, compute_dtype)
+    else:  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
         net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
 
-def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dict[str, list], window: int = 1024,
+def study(base, tokenizer, dtypes: list[QuantSpec], ids: torch.Tensor, tasks: dict[str, list], window: int = 1024,
           adapters=(), compute_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8, progress: bool = True,
           log=print) -> list[dict]:
     """One result row per data type (see module doc). `tasks`: name -> questions (choice.load_task)."""
-    from ..hf import load_adapter
+    from ..adapters import load_adapter
     from .choice import evaluate_choice
     from .perplexity import perplexity
 

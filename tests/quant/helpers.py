@@ -8,7 +8,8 @@ import warnings
 
 import torch
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.uint8: torch.uint8}
 
 # normal weights, heavy tails (Cauchy: a few outliers set each block's scale), values near the
 # bottom of the dtype's range (many subnormal inputs), subnormal block absmaxes (1/absmax
