@@ -15,15 +15,17 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .errors import QloraError
 from .precision import spelled
 from .quant.spec import DEFAULT as QUANT_DEFAULT, QuantSpec
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
+ChatFormat = Literal["auto", "tokenizer", "guanaco", "alpaca", "chatml"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text"]
+DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text", "dolly", "input_output", "chip2",
+                     "hh_rlhf", "unnatural", "flan"]
 
 
 class ConfigError(QloraError, ValueError):
@@ -59,10 +61,22 @@ class TrainConfig:
     lora_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
     # ---- data ----
-    data: Optional[str] = None
-    """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""
+    data: Optional[Union[str, list[str]]] = None
+    """Training file (json/jsonl/csv/parquet), load_from_disk dir or hub name (org/name[:split]); several make a mixture, each optionally :WEIGHT (0.7) or :COUNT (2000). Default: the built-in demo task."""
     data_format: DataFormat = "auto"
-    """Row shape: alpaca, guanaco, chat (messages), completion (prompt/completion), text; auto-detected."""
+    """Row shape (auto-detected): alpaca, dolly, input_output, completion, flan, unnatural, chat (messages), guanaco, chip2, hh_rlhf, text."""
+    prompt_field: Optional[str] = None
+    """Column holding the prompt, for any other schema (with response_field; rendered as chat)."""
+    response_field: Optional[str] = None
+    """Column holding the answer to learn (with prompt_field)."""
+    system_field: Optional[str] = None
+    """Column holding a system prompt (optional, with prompt_field and response_field)."""
+    columns: Optional[str] = None
+    """The three mappings as one option: prompt=COL,response=COL[,system=COL]."""
+    chat_format: ChatFormat = "auto"
+    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto: tokenizer's if any, else guanaco)."""
+    packing: bool = False
+    """Pack several examples per row (attention and positions restart at each example; fewer pad tokens)."""
     max_seq_len: int = 512
     """Maximum tokens per example (source + target)."""
     max_source_len: int = 384
@@ -77,7 +91,8 @@ class TrainConfig:
     """Fraction of rows held out for validation loss (0 disables)."""
     # ---- objective (preference tuning) ----
     objective: Literal["sft", "dpo", "orpo"] = "sft"
-    """sft: next-token loss on the answers; dpo / orpo: preference tuning on prompt/chosen/rejected pairs (DPO's reference is the base with LoRA off)."""
+    """sft: next-token loss on the answers; dpo / orpo: preference tuning on prompt/chosen/rejected pairs
+    (DPO's reference is the base with LoRA off)."""
     beta: float = 0.1
     """DPO: beta, the strength of the pull towards the reference; ORPO: lambda, the weight of the odds-ratio term."""
     # ---- optimisation ----
@@ -168,6 +183,11 @@ def _coerce(key: str, value, tp):
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
+        if isinstance(value, (list, tuple)) and list[str] in args:  # data: several sources
+            items = [_coerce(f"{key}[{i}]", v, str) for i, v in enumerate(value)]
+            if not items:
+                raise ConfigError(f"{key}: an empty list")
+            return items[0] if len(items) == 1 else items
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
         value = spelled(value) if isinstance(value, str) else value  # bf16 -> bfloat16 ...
@@ -229,9 +249,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: lr must be > 0, got {cfg.lr}")
     if cfg.beta <= 0:
         raise ConfigError(f"{source}: beta must be > 0, got {cfg.beta}")
-    if cfg.objective != "sft" and (cfg.data_format != "auto" or cfg.train_on_source):
+    if cfg.objective != "sft" and (cfg.data_format != "auto" or cfg.train_on_source or cfg.packing):
         raise ConfigError(f"{source}: objective {cfg.objective} reads preference rows (prompt/chosen/rejected); "
-                          "data_format and train_on_source apply to sft only")
+                          "data_format, train_on_source and packing apply to sft only")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 <= cfg.warmup_ratio <= 1:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.packing import model_inputs
 from .nn.lora import disabled
 from .nn.loss import linear_cross_entropy
 
@@ -25,8 +26,8 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     logits, and the fp32 upcast covers (targets × vocab), not (batch × length × vocab)."""
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+    inputs = model_inputs(batch, model.get_input_embeddings().weight.dtype)  # packed: block-diagonal mask
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1][mask]  # (N, H)
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)  # cap: Gemma
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:

@@ -5,8 +5,8 @@ log, evaluate, checkpoint). No callbacks: to change the loop, change the loop.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -56,7 +56,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
-    rows, fmt = _read_rows(cfg, rows)  # errors name file:line before the model loads
+    sources = _read_sources(cfg, rows)  # errors name file:line before the model loads
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
     cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
     if model is None:
@@ -80,30 +80,24 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
     if cfg.objective == "sft":
-        examples, stats = data.build_examples(
-            rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
-            max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data)
+        train_set, val_set, stats = data.build_mixture(sources, tokenizer, cfg)  # one source: the unmixed run
     else:
-        examples, stats = preference.build_pairs(rows, tokenizer, cfg.max_source_len, cfg.max_target_len,
-                                                 cfg.max_seq_len, source=cfg.data)
-    train_set, val_set = data.split_train_val(examples, cfg.val_fraction, cfg.seed)
-    if not train_set:
-        raise QloraError(f"{cfg.data}: no training examples left after the validation split")
-    print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
-    return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt),
-               resume_from)
+        train_set, val_set, stats = preference.build_sets(sources, tokenizer, cfg)
+    if cfg.packing:
+        n, train_set = len(train_set), data.pack(train_set, cfg.max_seq_len)
+        print(f"packing: {n} examples in {len(train_set)} rows of up to {cfg.max_seq_len} tokens")
+    return Run(cfg, model, tokenizer, train_set, val_set, device, stats, resume_from)
 
 
-def _read_rows(cfg: TrainConfig, given: tuple[list[dict], str] | None) -> tuple[list[dict], str]:
-    """(rows, format) of cfg.data, or of the rows given in memory, validated for cfg.objective."""
+def _read_sources(cfg: TrainConfig, given: tuple[list[dict], str] | None) -> list:
+    """data.read_sources' (source, rows, format) list for cfg.data, or for rows given in memory (the
+    built-in demos), validated for cfg.objective: preference rows for dpo/orpo."""
     if cfg.objective != "sft":
-        rows = preference.read_pairs(cfg.data) if given is None else given[0]
-        preference.validate_pairs(rows, cfg.data)
-        return rows, "preference"
+        return preference.read_sources(cfg.data, None if given is None else given[0])
     if given is None:
-        return data.read_dataset(cfg.data, cfg.data_format)
+        return data.read_sources(cfg)
     data.validate_rows(*given, cfg.data)
-    return given
+    return [(data.parse_sources(cfg.data)[0], *given)]
 
 
 def resolve_compute_dtype(cfg: TrainConfig, device, ckpt: Path | None = None) -> str:
@@ -256,7 +250,8 @@ def _save(run: Run, opt, step: int, epoch: int, cursor: int) -> str:
     cfg = run.cfg
     return str(checkpoint.save(Path(cfg.output_dir) / "checkpoints", step,
                                lambda d: adapters.save_adapter(run.model, d, cfg.model), opt,
-                               dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), qlora_version=__version__),
+                               dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
+                                    data_digest=run.data_stats.get("digest"), qlora_version=__version__),
                                cfg.save_total_limit))
 
 
@@ -304,6 +299,9 @@ def resume(run: Run, opt, metrics_path: Path) -> tuple[int, int, int]:
     ckpt = run.resume_from
     state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
     _check_compatible(state, run.cfg, ckpt)
+    if state.get("data_digest") not in (None, run.data_stats.get("digest")):  # same files, mixture, seed
+        raise QloraError(f"{ckpt}: the training examples differ from the checkpoint's (data, mixture, columns "
+                         "or lengths changed); resume with the same data and settings")
     adapters.load_weights(run.model, ckpt)
     opt.load_state(opt_tensors, state["optimizer"])
     checkpoint.set_rng_state(rng_tensors, state["rng"])
@@ -335,7 +333,7 @@ def finish(run: Run, opt, summary: dict) -> dict:
     opt.close()
     out = Path(run.cfg.output_dir)
     if distributed.is_main():
-        _publish_adapter(run.model, out, run.cfg)
+        _publish_adapter(run.model, out, run.cfg, run.data_stats.get("chat_format"))
         metrics.plot(out / "metrics.jsonl", out / "loss.png")
         if opt_stats.get("bytes_out"):
             print(f"optimizer {opt_stats['kind']}: {opt_stats['state_bytes'] / 2**20:.1f} MiB of state, paged "
@@ -355,14 +353,19 @@ def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
 
 
 
-def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
-    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
+def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None = None) -> None:
+    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN; with
+    the chat format its data taught (data.chat.RECORD: generate, chat and serve use it by default)."""
     for name, t in adapters.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
     adapters.save_adapter(model, str(tmp), cfg.model)
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
+    if chat_format:
+        (tmp / data.chat.RECORD).write_text(json.dumps({"chat_format": chat_format}) + "\n", encoding="utf-8")
+    elif (out / data.chat.RECORD).exists():
+        (out / data.chat.RECORD).unlink()  # a previous run's record would not describe this adapter
+    for f in ("adapter_model.safetensors", "adapter_config.json") + ((data.chat.RECORD,) if chat_format else ()):
         os.replace(tmp / f, out / f)
     tmp.rmdir()
 

@@ -182,7 +182,7 @@ def test_dpo_raises_the_chosen_answers_margin(tiny_llama, tmp_path):
 def test_objective_settings_are_checked():
     with pytest.raises(QloraError, match="beta must be > 0"):
         build_config({"objective": "dpo", "beta": 0})
-    with pytest.raises(QloraError, match="data_format and train_on_source apply to sft only"):
+    with pytest.raises(QloraError, match="data_format, train_on_source and packing apply to sft only"):
         build_config({"objective": "orpo", "data_format": "alpaca"})
 
 

@@ -15,11 +15,16 @@ the final answer is learned, and a pair counts once in the loss (DPO and ORPO ar
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import QloraError
 from .batching import collate
 from .examples import IGNORE_INDEX, DataStats, _eos_id, _special_prefix, _tokenize, _truncate
-from .formats import _merge, render
+from .chat import merge as _merge
+from .formats import render
 from .load import load_rows, type_name, where
+from .examples import split_train_val
+from .sources import digest, parse_sources
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -29,6 +34,28 @@ def read_pairs(path: str) -> list[dict]:
     rows = load_rows(path)
     validate_pairs(rows, path)
     return rows
+
+
+def read_sources(data, given: list[dict] | None = None) -> list:
+    """[(source, rows, "preference")] for one preference file (or rows given in memory), validated."""
+    sources = parse_sources(data)
+    if len(sources) != 1 or sources[0].weight is not None or sources[0].count is not None:
+        raise QloraError(f"data: preference objectives read one file, got {data!r}")
+    rows = read_pairs(sources[0].path) if given is None else given
+    validate_pairs(rows, sources[0].path)
+    return [(sources[0], rows, "preference")]
+
+
+def build_sets(sources: list, tokenizer, cfg) -> tuple[list[dict], list[dict], dict]:
+    """(train pairs, validation pairs, stats) as data.build_mixture gives them for SFT examples."""
+    (src, rows, fmt), = sources
+    pairs, stats = build_pairs(rows, tokenizer, cfg.max_source_len, cfg.max_target_len, cfg.max_seq_len, src.path)
+    train, val = split_train_val(pairs, cfg.val_fraction, cfg.seed)
+    if not train:
+        raise QloraError(f"{src.path}: no training pairs left after the validation split")
+    print(f"data: {src.path} ({fmt}): {stats.summary()}")
+    sides = [p[side] for side in ("chosen", "rejected") for p in train]
+    return train, val, dict(dataclasses.asdict(stats), source=src.path, format=fmt, digest=digest(sides))
 
 
 def validate_pairs(rows: list, source: str) -> None:
