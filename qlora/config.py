@@ -89,6 +89,12 @@ class TrainConfig:
     """Batch examples of similar token count together (less padding)."""
     val_fraction: float = 0.05
     """Fraction of rows held out for validation loss (0 disables)."""
+    # ---- objective (preference tuning) ----
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """sft: next-token loss on the answers; dpo / orpo: preference tuning on prompt/chosen/rejected pairs
+    (DPO's reference is the base with LoRA off)."""
+    beta: float = 0.1
+    """DPO: beta, the strength of the pull towards the reference; ORPO: lambda, the weight of the odds-ratio term."""
     # ---- optimisation ----
     max_steps: int = 200
     """Optimizer steps to run."""
@@ -241,6 +247,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {k} must be >= 0, got {getattr(cfg, k)}")
     if not cfg.lr > 0:
         raise ConfigError(f"{source}: lr must be > 0, got {cfg.lr}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"{source}: beta must be > 0, got {cfg.beta}")
+    if cfg.objective != "sft" and (cfg.data_format != "auto" or cfg.train_on_source or cfg.packing):
+        raise ConfigError(f"{source}: objective {cfg.objective} reads preference rows (prompt/chosen/rejected); "
+                          "data_format, train_on_source and packing apply to sft only")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 <= cfg.warmup_ratio <= 1:

@@ -54,13 +54,10 @@ def run_demo(user_values: dict) -> dict:
     out = Path(cfg.output_dir)
     train_rows, test_rows = demo_task.make_demo_task(n_train=N_TRAIN, n_test=N_TEST, seed=cfg.seed)
     data_dir = out / "demo_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_rows), ("test", test_rows)):
-        with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    cfg.data = str(data_dir / "train.jsonl")
+    cfg.data = str(data_dir / "train.jsonl")  # the path checkpoints record; written once setup has validated the run
     t0 = time.perf_counter()
-    run = setup(cfg)
+    run = setup(cfg, rows=(train_rows, "chat"))
+    write_rows(data_dir, {"train": train_rows, "test": test_rows})
     before, _ = exact_match_accuracy(run.model, run.tokenizer, test_rows)
     print(f"held-out exact match before finetuning: {before:.1%} ({len(test_rows)} rows)")
     t1 = time.perf_counter()
@@ -73,3 +70,11 @@ def run_demo(user_values: dict) -> dict:
                   examples=results[:5])
     (out / "demo_results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def write_rows(data_dir: Path, sets: dict[str, list[dict]]) -> None:
+    """The demo's generated rows as NAME.jsonl under data_dir, for `qlora eval` and inspection."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in sets.items():
+        with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -9,21 +9,20 @@ import functools
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from . import __version__, adapters, checkpoint, data, distributed, hf, precision
+from . import __version__, adapters, checkpoint, data, distributed, hf, metrics, objectives, precision
 from .config import TrainConfig, parse_size, to_dict
+from .data import preference
 from .errors import QloraError
-from .nn.loss import linear_cross_entropy
+from .metrics import peak_rss_mb
 from .nn.surgery import add_lora
+from .objectives import loss_sum
 
 
 @dataclass
@@ -37,6 +36,7 @@ class Run:
     val_set: list
     device: torch.device
     data_stats: dict = field(default_factory=dict)
+    resume_from: Path | None = None  # the verified checkpoint --resume names, found before anything is written
 
 
 def pick_device(name: str) -> torch.device:
@@ -47,16 +47,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
-    """Validate data, load (or take) the model, add LoRA. Writes nothing to disk."""
+def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], str] | None = None) -> Run:
+    """Validate data, load (or take) the model, add LoRA. Writes nothing to disk. `rows`: (rows, format)
+    already in memory (the built-in demos), validated here as a file's would be, instead of reading cfg.data."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.init(pick_device(cfg.device))  # under torchrun: join the group, this rank's device
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
-    sources = data.read_sources(cfg)  # errors name file:line before the model loads
-    cfg.compute_dtype = resolve_compute_dtype(cfg, device)  # concrete from here on: checkpoints record it
+    sources = _read_sources(cfg, rows)  # errors name file:line before the model loads
+    resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
+    cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
     if model is None:
         from .memory import preflight, return_freed_memory
 
@@ -77,25 +79,34 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         return_freed_memory()
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
-    train_set, val_set, stats = data.build_mixture(sources, tokenizer, cfg)  # one source: the unmixed run
+    if cfg.objective == "sft":
+        train_set, val_set, stats = data.build_mixture(sources, tokenizer, cfg)  # one source: the unmixed run
+    else:
+        train_set, val_set, stats = preference.build_sets(sources, tokenizer, cfg)
     if cfg.packing:
         n, train_set = len(train_set), data.pack(train_set, cfg.max_seq_len)
         print(f"packing: {n} examples in {len(train_set)} rows of up to {cfg.max_seq_len} tokens")
-    return Run(cfg, model, tokenizer, train_set, val_set, device, stats)
+    return Run(cfg, model, tokenizer, train_set, val_set, device, stats, resume_from)
 
 
-def resolve_compute_dtype(cfg: TrainConfig, device) -> str:
+def _read_sources(cfg: TrainConfig, given: tuple[list[dict], str] | None) -> list:
+    """data.read_sources' (source, rows, format) list for cfg.data, or for rows given in memory (the
+    built-in demos), validated for cfg.objective: preference rows for dpo/orpo."""
+    if cfg.objective != "sft":
+        return preference.read_sources(cfg.data, None if given is None else given[0])
+    if given is None:
+        return data.read_sources(cfg)
+    data.validate_rows(*given, cfg.data)
+    return [(data.parse_sources(cfg.data)[0], *given)]
+
+
+def resolve_compute_dtype(cfg: TrainConfig, device, ckpt: Path | None = None) -> str:
     """cfg.compute_dtype made concrete. 'auto' is the machine's choice (qlora.precision), except on
-    resume, where it is the dtype the checkpoint was trained in: a resumed run keeps its arithmetic."""
-    if cfg.compute_dtype == "auto" and cfg.resume:
-        try:
-            ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
-        except QloraError:
-            ckpt = None  # fit() reports it, with the same message, before anything is written
-        saved = checkpoint.read_state(ckpt).get("config", {}).get("compute_dtype") if ckpt else None
-        if saved in precision.NAMES:
-            print(f"compute dtype: {saved} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
-            return saved
+    resume, where it is the dtype the checkpoint `ckpt` was trained in: a resumed run keeps its arithmetic."""
+    saved = checkpoint.read_state(ckpt).get("config", {}).get("compute_dtype") if ckpt else None
+    if cfg.compute_dtype == "auto" and saved in precision.NAMES:
+        print(f"compute dtype: {saved} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
+        return saved
     return precision.resolve(cfg.compute_dtype, device)
 
 
@@ -119,26 +130,6 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": keep})
 
 
-def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count.
-
-    The head runs only on positions that have a target: prompt and padding positions never get
-    logits, and the fp32 upcast covers (targets × vocab), not (batch × length × vocab)."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    inputs = data.model_inputs(batch, model.get_input_embeddings().weight.dtype)  # packed: block-diagonal mask
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1][mask]  # (N, H)
-    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)  # cap: Gemma
-    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-        # frozen plain head: chunked, logits never whole, dL/dh formed in forward (nn/loss.py)
-        return linear_cross_entropy(hidden, head.weight, labels[mask], cap), int(mask.sum())
-    logits = head(hidden).float()  # (N, V)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, labels[mask], reduction="sum"), int(mask.sum())
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over ceil(warmup_ratio·max_steps) steps (step 0 already gets lr/warmup), then
     constant (paper), linear or cosine decay to 0."""
@@ -155,17 +146,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 @torch.no_grad()
 def validation_loss(run: Run) -> float | None:
+    """The objective's loss over the validation set, weighted as in training (per target token for sft)."""
     if not run.val_set:
         return None
     run.model.eval()
     total, count = 0.0, 0
-    for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+    lengths = [preference.length(e) for e in run.val_set]
+    for idx in data.epoch_batches(lengths, run.cfg.batch_size, run.cfg.seed, 0, False):
         idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share
         if not idx:
             continue
-        batch = _to_device(data.collate([run.val_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
-        s, n = loss_sum(run.model, batch)
-        total, count = total + weight * float(s), count + int(weight * n)
+        s, _, _ = batch_loss(run, [run.val_set[i] for i in idx])
+        total, count = total + weight * float(s), count + int(weight * sum(run.val_set[i]["targets"] for i in idx))
     total, count = distributed.sum_over_ranks(total, count)
     run.model.train()
     return total / max(count, 1)
@@ -186,10 +178,6 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---- the loop ----
 
 
@@ -197,136 +185,172 @@ def fit(run: Run, progress: bool = True) -> dict:
     """Run optimizer steps until cfg.max_steps; resumable; returns a summary dict."""
     from tqdm import tqdm
 
-    from .optim import build_optimizer
-
-    cfg, model = run.cfg, run.model
+    cfg, model, main = run.cfg, run.model, distributed.is_main()  # data parallel: rank 0 alone writes files
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    budget = parse_size(cfg.optimizer_memory_budget) if cfg.optimizer_memory_budget else None
-    opt = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          memory_budget=budget, offload_dir=str(out / "optimizer_pages"))
-    lengths = [len(e["input_ids"]) for e in run.train_set]
-    step, epoch, cursor = 0, 0, 0
-    metrics_path = out / "metrics.jsonl"
-    main = distributed.is_main()  # data parallel: rank 0 alone writes metrics, checkpoints and the adapter
-    if cfg.resume:
-        ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
-        state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
-        _check_compatible(state, cfg, ckpt)
-        if state.get("data_digest") not in (None, run.data_stats.get("digest")):  # same files, mixture, seed
-            raise QloraError(f"{ckpt}: the training examples differ from the checkpoint's (data, mixture, columns "
-                             "or lengths changed); resume with the same data and settings")
-        adapters.load_weights(model, ckpt)
-        opt.load_state(opt_tensors, state["optimizer"])
-        checkpoint.set_rng_state(rng_tensors, state["rng"])
-        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        if main:
-            _truncate_metrics(metrics_path, step)
-        print(f"resumed from {ckpt} at step {step}")
-    elif main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run owns its metrics file
+    out.mkdir(parents=True, exist_ok=True)  # setup validated everything: the first thing written
+    params, opt = _optimizer(run)
+    step, epoch, cursor = resume(run, opt, out / "metrics.jsonl")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    batches = data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-    last_good = str(checkpoint.candidates(ckpt_root)[0]) if checkpoint.candidates(ckpt_root) else None
+    plan = data.BatchPlan(tuple(map(preference.length, run.train_set)), cfg.batch_size, cfg.seed,
+                          cfg.group_by_length)
+    batches = plan.iterate(epoch, cursor)  # endless (epoch, index, example indices) from the saved position
+    last_good = next((str(c) for c in checkpoint.candidates(out / "checkpoints")), None)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    t_log, tokens_log, losses, skipped = time.perf_counter(), 0, [], 0
-    with open(metrics_path if main else os.devnull, "a", encoding="utf-8") as log:
+    window, skipped, t_log = [], 0, time.perf_counter()
+    with open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8") as log:
         while step < cfg.max_steps:
-            # 1. collect this step's micro-batches (advancing epochs as needed)
-            micro = []
-            for _ in range(cfg.grad_accum):
-                if cursor == len(batches):
-                    epoch, cursor = epoch + 1, 0
-                    batches = data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-                micro.append(batches[cursor])
-                cursor += 1
-            # 2. forward/backward, loss weighted by target tokens across the accumulated batches
-            #    (n_targets counts the whole global batch, so data-parallel ranks scale their shares alike)
-            n_targets = sum(sum(sum(1 for t in run.train_set[i]["labels"][1:] if t != -100) for i in idx) for idx in micro)
+            # 1. this step's micro-batches; the position saved is that of the next one
+            epoch, cursor, micro = _take(batches, cfg.grad_accum)
+            # 2. forward/backward over the micro-batches, the loss weighted by target tokens (sft) or pairs
             distributed.seed_step(cfg.seed, step)
-            step_loss, step_tokens = 0.0, 0
-            for idx in micro:
-                idx, weight = _my_share(idx, cfg)  # data parallel: this rank's share of the micro-batch
-                if not idx:
-                    continue
-                batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
-                s, _ = loss_sum(model, batch)
-                (s * weight / n_targets).backward()
-                step_loss += weight * float(s.detach()) / n_targets
-                step_tokens += int(weight * batch["attention_mask"].sum())
-            # data parallel: sum LoRA gradients, loss and tokens over ranks (one all-reduce; no-op in one process)
-            step_loss, step_tokens = distributed.all_reduce_grads([p for _, p in params], step_loss, step_tokens)
-            tokens_log += step_tokens
+            step_loss, step_tokens, sums = _forward_backward(run, micro)
+            # data parallel: sum LoRA gradients, loss, tokens and metrics over ranks (one all-reduce; no-op alone)
+            step_loss, step_tokens, *totals = distributed.all_reduce_grads(params, step_loss, step_tokens,
+                                                                           *sums.values())
             # 3. guard, clip, step
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                where = f"step {step + 1} (examples {sorted(i for idx in micro for i in idx)[:16]})"
-                if cfg.nan_policy == "stop":
-                    raise QloraError(f"non-finite loss/gradient at {where}; adapters not saved; "
-                                     f"last good checkpoint: {last_good or 'none'}")
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                print(f"skipped {where}: non-finite loss/gradient")
-            else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
                 opt.lr = lr_at(cfg, step)
                 opt.step()
-                opt.zero_grad(set_to_none=True)
+            else:
+                skipped += _refuse_or_skip(cfg, step, micro, last_good)
+            opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append(step_loss)
+            window.append({"loss": step_loss, "tokens": step_tokens, **dict(zip(sums, totals))})
             bar.update(1)
             # 4. log, evaluate, checkpoint
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                dt = time.perf_counter() - t_log
-                rec = {"step": step, "loss": round(sum(losses) / len(losses), 6), "lr": opt.lr,
-                       "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens_log / dt, 1),
-                       "peak_rss_mb": round(peak_rss_mb(), 1)}
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", rss=f"{rec['peak_rss_mb']:.0f}MB")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                t_log, tokens_log, losses = time.perf_counter(), 0, []
+                metrics.log_window(log, bar, step, window, opt.lr, grad_norm, time.perf_counter() - t_log)
+                window, t_log = [], time.perf_counter()
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.max_steps) and run.val_set:
-                val = validation_loss(run)
-                log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
-                log.flush()
+                metrics.write(log, {"step": step, "val_loss": round(validation_loss(run), 6)})
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-                if main:  # the other ranks hold the same state; they wait so that none runs ahead of it
-                    last_good = str(checkpoint.save(ckpt_root, step, lambda d: adapters.save_adapter(model, d, cfg.model), opt,
-                                                    dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
-                                                         data_digest=run.data_stats.get("digest"),
-                                                         qlora_version=__version__), cfg.save_total_limit))
-                distributed.barrier()
+                last_good = _save(run, opt, step, epoch, cursor) if main else last_good
+                distributed.barrier()  # the other ranks hold the same state; they wait so that none runs ahead of it
     bar.close()
+    return finish(run, opt, dict(steps=step, skipped_steps=skipped, output_dir=str(out), checkpoint=last_good))
+
+
+def _optimizer(run: Run):
+    """(the trainable parameters, the optimizer over them); paged state pages under output_dir."""
+    from .optim import build_optimizer
+
+    cfg = run.cfg
+    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    budget = parse_size(cfg.optimizer_memory_budget) if cfg.optimizer_memory_budget else None
+    return [p for _, p in named], build_optimizer(named, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                  memory_budget=budget,
+                                                  offload_dir=str(Path(cfg.output_dir) / "optimizer_pages"))
+
+
+def _save(run: Run, opt, step: int, epoch: int, cursor: int) -> str:
+    """A full checkpoint (adapter, optimizer, RNG, data position, config), written atomically."""
+    cfg = run.cfg
+    return str(checkpoint.save(Path(cfg.output_dir) / "checkpoints", step,
+                               lambda d: adapters.save_adapter(run.model, d, cfg.model), opt,
+                               dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
+                                    data_digest=run.data_stats.get("digest"), qlora_version=__version__),
+                               cfg.save_total_limit))
+
+
+def _forward_backward(run: Run, micro: list[list[int]]) -> tuple[float, int, dict]:
+    """Backward of the step's loss, token-weighted (sft) or pair-weighted (dpo, orpo) across the
+    accumulated micro-batches: n_targets counts the whole global batch, so data-parallel ranks scale
+    their shares alike. -> (loss, tokens, metric sums) of this rank."""
+    n_targets = sum(run.train_set[i]["targets"] for idx in micro for i in idx)
+    loss, tokens, sums = 0.0, 0, {}
+    for idx in micro:
+        idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share of the micro-batch
+        if not idx:
+            continue
+        s, n, batch_sums = batch_loss(run, [run.train_set[i] for i in idx])
+        (s * weight / n_targets).backward()
+        loss += weight * float(s.detach()) / n_targets
+        tokens += int(weight * n)
+        for k, v in batch_sums.items():
+            sums[k] = sums.get(k, 0.0) + weight * v
+    if run.cfg.objective != "sft" and not sums:  # a rank without examples still all-reduces the same keys
+        sums = dict.fromkeys(objectives.PREFERENCE_METRICS, 0.0)
+    return loss, tokens, sums
+
+
+def batch_loss(run: Run, examples: list[dict]) -> tuple[torch.Tensor, int, dict]:
+    """(summed loss, tokens, metric sums) of one micro-batch: the loss summed over what `example["targets"]`
+    counts (target tokens for sft, pairs for dpo/orpo)."""
+    pad = run.tokenizer.pad_token_id
+    if run.cfg.objective == "sft":
+        batch = _to_device(data.collate(examples, pad), run.device)
+        return loss_sum(run.model, batch)[0], int(batch["attention_mask"].sum()), {}
+    batch = _to_device(preference.collate_pairs(examples, pad), run.device)
+    s, sums = objectives.preference_loss(run.model, batch, run.cfg.objective, run.cfg.beta)
+    return s, int(batch["attention_mask"].sum()), sums
+
+
+def resume(run: Run, opt, metrics_path: Path) -> tuple[int, int, int]:
+    """(step, epoch, cursor) to start from: the checkpoint's, with adapter, optimizer, RNG and metrics
+    restored to it; or zeros for a fresh run, which owns its metrics file."""
+    main = distributed.is_main()
+    if run.resume_from is None:
+        if main and metrics_path.exists():
+            metrics_path.unlink()
+        return 0, 0, 0
+    ckpt = run.resume_from
+    state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
+    _check_compatible(state, run.cfg, ckpt)
+    if state.get("data_digest") not in (None, run.data_stats.get("digest")):  # same files, mixture, seed
+        raise QloraError(f"{ckpt}: the training examples differ from the checkpoint's (data, mixture, columns "
+                         "or lengths changed); resume with the same data and settings")
+    adapters.load_weights(run.model, ckpt)
+    opt.load_state(opt_tensors, state["optimizer"])
+    checkpoint.set_rng_state(rng_tensors, state["rng"])
+    if main:
+        metrics.truncate(metrics_path, state["step"])
+    print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state["epoch"], state["cursor"]
+
+
+def _take(batches, n: int) -> tuple[int, int, list[list[int]]]:
+    """The next n batches of the endless plan, and the data position (epoch, index) after them."""
+    taken = [next(batches) for _ in range(n)]
+    return taken[-1][0], taken[-1][1] + 1, [idx for _, _, idx in taken]
+
+
+def _refuse_or_skip(cfg: TrainConfig, step: int, micro: list[list[int]], last_good: str | None) -> int:
+    """A non-finite loss or gradient: stop (nan_policy=stop, nothing saved) or count a skipped step."""
+    where = f"step {step + 1} (examples {sorted(i for idx in micro for i in idx)[:16]})"
+    if cfg.nan_policy == "stop":
+        raise QloraError(f"non-finite loss/gradient at {where}; adapters not saved; "
+                         f"last good checkpoint: {last_good or 'none'}")
+    print(f"skipped {where}: non-finite loss/gradient")
+    return 1
+
+
+def finish(run: Run, opt, summary: dict) -> dict:
+    """Close the optimizer; rank 0 publishes the final adapter and the loss plot. -> the run's summary."""
     opt_stats = opt.stats()  # state size, and what paging cost: bytes in/out, evictions, stall time
     opt.close()
-    if main:
-        _publish_adapter(model, out, cfg, run.data_stats.get("chat_format"))
-        _plot(metrics_path, out / "loss.png")
+    out = Path(run.cfg.output_dir)
+    if distributed.is_main():
+        _publish_adapter(run.model, out, run.cfg, run.data_stats.get("chat_format"))
+        metrics.plot(out / "metrics.jsonl", out / "loss.png")
         if opt_stats.get("bytes_out"):
             print(f"optimizer {opt_stats['kind']}: {opt_stats['state_bytes'] / 2**20:.1f} MiB of state, paged "
                   f"{opt_stats['bytes_in'] / 2**20:.0f} MiB in / {opt_stats['bytes_out'] / 2**20:.0f} MiB out, "
                   f"waited {opt_stats['stall_s']:.2f} s", file=sys.stderr)
-    return {"steps": step, "skipped_steps": skipped, "output_dir": str(out), "checkpoint": last_good,
-            "peak_rss_mb": round(peak_rss_mb(), 1), "optimizer": opt_stats}
+    return dict(summary, peak_rss_mb=round(peak_rss_mb(), 1), optimizer=opt_stats)
 
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size", "grad_accum",
-                "seed"):
+    for key in ("model", "objective", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size",
+                "grad_accum", "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None = None) -> None:
@@ -344,29 +368,6 @@ def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None
     for f in ("adapter_model.safetensors", "adapter_config.json") + ((data.chat.RECORD,) if chat_format else ()):
         os.replace(tmp / f, out / f)
     tmp.rmdir()
-
-
-def _plot(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(ln) for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:

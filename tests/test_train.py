@@ -222,6 +222,7 @@ def test_cli_end_to_end(tiny_llama, tmp_path):
     (["--data", "/nonexistent/x.jsonl"], "x.jsonl"),
     (["--lora-rank", "4"], "unrecognized arguments"),
     (["--max-steps", "-3"], "max_steps must be > 0"),
+    (["--resume", "latest"], "no checkpoint to resume from"),  # nothing to resume: refused before out/ exists
 ])
 def test_cli_bad_input_one_line_nonzero_exit_nothing_written(tiny_llama, tmp_path, args, match):
     out = tmp_path / "out"

@@ -18,7 +18,9 @@ def register(sub) -> None:
         "train", help="finetune a 4-bit model with LoRA (no arguments: the built-in demo)",
         description="QLoRA finetuning. Values come from defaults < --config YAML < flags. "
         "With no --data, runs the built-in demo: generates an extraction task, reports held-out "
-        "exact match before and after finetuning the embedded SmolLM2-135M-Instruct.",
+        "exact match before and after finetuning the embedded SmolLM2-135M-Instruct; with --objective dpo or "
+        "orpo, the preference demo: pairs from that task (correct vs plausible wrong answer), held-out pair "
+        "accuracy and exact match before and after.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="YAML file of key: value (same keys as the flags, with underscores)")
@@ -48,7 +50,11 @@ def run(args) -> int:
     config_file = values.pop("config", None)
     merged = load_yaml(config_file) if config_file else {}
     merged.update(values)
-    if merged.get("data") is None:
+    if merged.get("data") is None and merged.get("objective") in ("dpo", "orpo"):
+        from ..demo_preference import run_demo  # pairs from the demo task: correct vs plausible wrong answer
+
+        summary = run_demo(merged)
+    elif merged.get("data") is None:
         from ..demo import run_demo
 
         summary = run_demo(merged)

@@ -1,7 +1,8 @@
 """Rows -> tokenized training examples with target-only labels, counted truncation, validation split.
 
-An example is {"input_ids": [...], "labels": [...], "row": i}: labels equal input_ids on target
-tokens and are -100 on prompt tokens (unless train_on_source), `row` is the source row index.
+An example is {"input_ids": [...], "labels": [...], "row": i, "targets": n}: labels equal input_ids on
+target tokens and are -100 on prompt tokens (unless train_on_source), `row` is the source row index,
+`targets` the number of positions the next-token loss learns (labels[1:] that are not -100).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def _example(tokenizer, segments, prefix, eos, limits, train_on_source: bool, st
     stats.tokens += len(ids)
     stats.target_tokens += sum(is_target)
     labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
-    return {"input_ids": ids, "labels": list(labels)}
+    # targets: positions the shifted loss learns (label of token t+1 at t), counted once here, not per step
+    return {"input_ids": ids, "labels": list(labels), "targets": sum(t != IGNORE_INDEX for t in labels[1:])}
 
 
 def _tokenize(tokenizer, segments, prefix: list[int], eos: int) -> list[tuple[list[int], bool]]:

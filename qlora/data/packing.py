@@ -32,6 +32,8 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
         row["seq_ids"] += [len(row["rows"]) + 1] * n
         row["rows"].append(e.get("row"))
         room[k] -= n
+    for row in rows:  # what the shifted loss learns in the packed row (fit weighs steps by it)
+        row["targets"] = sum(t != -100 for t in row["labels"][1:])
     return rows
 
 

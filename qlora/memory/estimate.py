@@ -75,6 +75,7 @@ class Settings:
     attention: str = "sdpa"
     device: str = "cpu"
     shards: int = 1  # ranks the decoder layers' 4-bit weights are split over (--shard-base); the estimate is one rank's
+    objective: str = "sft"  # dpo/orpo: batch_size counts sequences (2 per pair); the loss keeps whole log-softmax rows
 
     def check(self) -> "Settings":
         # 'auto' becomes what training would pick on this machine (and device); aliases as everywhere
@@ -310,6 +311,8 @@ def _load_peak(arch: Arch, s: Settings, weights: int, overhead: int, source_form
 
 def _loss_bytes(arch: Arch, s: Settings) -> int:
     targets = s.batch_size * s.targets_per_seq
+    if s.objective != "sft":  # objectives.sequence_logps: (targets, vocab) logits plus cross-entropy's fp32 log-softmax
+        return targets * arch.vocab * (s.c + 4) + targets * arch.hidden * s.c
     if s.quantize_head:
         return LOSS_BYTES_PER_VOCAB * arch.vocab * targets
     compiled = s.device == "cpu" and s.compute_dtype == "bfloat16" and not arch.softcap  # nn.loss's per-row pass

@@ -131,16 +131,17 @@ def settings_for(cfg: TrainConfig, device: str = "cpu") -> dict:
     max_target_len per sequence for single-answer formats (alpaca, completion), any position
     otherwise (multi-turn answers, plain text, or a format still to be detected)."""
     prompt_response = cfg.data_format in ("alpaca", "completion") and not cfg.train_on_source
+    pair = cfg.objective != "sft"  # two sequences per pair, one answer each; DPO's reference pass keeps no activations
     budget = cfg.optimizer_memory_budget
     return dict(
         quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
         quantize_head=cfg.quantize_head, lora_r=cfg.lora_r, lora_targets=cfg.lora_targets,
-        lora_dropout=cfg.lora_dropout, lora_dtype=cfg.lora_dtype, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len,
-        target_tokens=cfg.max_target_len if prompt_response else None,
+        lora_dropout=cfg.lora_dropout, lora_dtype=cfg.lora_dtype, batch_size=cfg.batch_size * (2 if pair else 1),
+        seq_len=cfg.max_seq_len, target_tokens=cfg.max_target_len if prompt_response or pair else None,
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
         optimizer_memory_budget=parse_size(budget, "optimizer_memory_budget") if budget else None,
         compute_dtype=cfg.compute_dtype, device=device,
-        shards=max(cfg.nproc, distributed.world_size()) if cfg.shard_base else 1,
+        shards=max(cfg.nproc, distributed.world_size()) if cfg.shard_base else 1, objective=cfg.objective,
     )
 
 

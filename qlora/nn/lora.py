@@ -10,6 +10,7 @@ bf16 compute dtype either way, the forward equals the fp32 one with A and B roun
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,6 +37,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         seeded.threshold(dropout)  # validates 0 <= p < 1
         self.dropout = dropout
+        self.disabled = False  # True: the base layer alone (DPO's reference pass, see `disabled`)
         self.reset_parameters()
         for p in base.parameters():
             p.requires_grad_(False)
@@ -50,6 +52,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         p = self.dropout if self.training else 0.0
         base = self.base
         if isinstance(base, Linear4bit) and x.dtype == base.compute_dtype and torch.is_grad_enabled():
@@ -71,7 +75,7 @@ class LoRALinear(nn.Module):
         """self(silu(gate) * up): over a 4-bit base in training, one function that does not keep the
         product (_GatedLoRA4bit); the same results either way."""
         base = self.base
-        if isinstance(base, Linear4bit) and gate.dtype == up.dtype == base.compute_dtype \
+        if isinstance(base, Linear4bit) and not self.disabled and gate.dtype == up.dtype == base.compute_dtype \
                 and gate.shape == up.shape and torch.is_grad_enabled():
             p = self.dropout if self.training else 0.0
             return _GatedLoRA4bit.apply(gate, up, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
@@ -181,6 +185,20 @@ class _GatedLoRA4bit(torch.autograd.Function):
             grad_gate, grad_up = fused.swiglu_backward(grad_h.view(h.shape), g, u)
         return (grad_gate, grad_up, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Every LoRALinear in `model` runs its base layer alone inside the block: the model is then the
+    frozen base, bit for bit (the reference policy of DPO, with no second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def _root_dtype(layer: "LoRALinear") -> torch.dtype:
