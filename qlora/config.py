@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from .errors import QloraError
 from .precision import spelled
 
-QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
+QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bof4", "bof4s", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text"]
 
@@ -35,7 +35,7 @@ class TrainConfig:
     model: Optional[str] = None
     """Local HF directory, GGUF file, or hub name. Default: the embedded SmolLM2-135M-Instruct."""
     quant_type: QuantType = "nf4"
-    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA)."""
+    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA); bof4/bof4s: MSE-optimal codebooks, not loadable by bitsandbytes."""
     double_quant: bool = True
     """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
     blocksize: int = 64

@@ -43,7 +43,8 @@ def parse_datatype(spec: str) -> DataType:
     return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64))
 
 
-DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256")
+DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256",
+                     "bof4", "bof4+dq", "bof4s", "bof4s+dq")
 
 
 def linear_bits(net) -> tuple[float, int]:

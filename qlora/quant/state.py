@@ -75,7 +75,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     check_input(w, blocksize)
     data, absmax = kernels.quantize_4bit(w.detach(), quant_type, blocksize)
-    q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device))
+    q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device, blocksize))
     if double_quant:
         q.offset = absmax.mean().reshape(1)
         if not bool(torch.isfinite(q.offset)):  # fp32 sum of block absmaxes overflowed
