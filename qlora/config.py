@@ -57,6 +57,8 @@ class TrainConfig:
     """Rank-stabilized scaling alpha/sqrt(r)."""
     lora_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
+    dora: bool = False
+    """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and export fold it in."""
     # ---- data ----
     data: Optional[str] = None
     """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""

@@ -329,9 +329,9 @@ def _quantize_layer(module: nn.Module, name: str, kw: dict) -> Linear4bit:
 
 
 def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: str = "all",
-             rslora: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Wrap target linear layers with LoRALinear (A and B in `dtype`) and freeze everything else.
-    Returns wrapped names."""
+             rslora: bool = False, dtype: torch.dtype = torch.float32, dora: bool = False) -> list[str]:
+    """Wrap target linear layers with LoRALinear (A and B in `dtype`; DoRA's magnitude with `dora`)
+    and freeze everything else. Returns wrapped names."""
     for p in net.parameters():
         p.requires_grad_(False)
     names = [n for n, m in net.named_modules()
@@ -341,8 +341,8 @@ def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 
     if not names:
         raise QloraError(f"no linear layers match lora_targets={targets!r}")
     for name in names:
-        net.set_submodule(name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype))
-    net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
+        net.set_submodule(name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype, dora))
+    net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora, dora=dora)
     return names
 
 
@@ -367,11 +367,14 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def adapter_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key names: base_model.model.<module>.lora_A.weight / lora_B.weight."""
+    """PEFT key names: base_model.model.<module>.lora_A.weight / lora_B.weight (DoRA: and
+    .lora_magnitude_vector, the key PEFT saves it under)."""
     sd = {}
     for name, layer in lora_layers(net).items():
         sd[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
         sd[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        if layer.dora:
+            sd[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous()
     return sd
 
 
@@ -382,7 +385,7 @@ def adapter_config(net: nn.Module, base_model: str | None = None) -> dict:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "use_rslora": lora["rslora"],
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_dora": bool(lora.get("dora", False)), "modules_to_save": None,
     }
 
 
@@ -425,31 +428,44 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-def load_adapter(net: nn.Module, path: str) -> list[str]:
-    """Apply a PEFT LoRA adapter (ours or PEFT's) on top of the current model, live."""
-    cfg, tensors = read_adapter(path)
-    r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+def _adapter_parts(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"lora_A" | "lora_B" | "lora_magnitude": tensor}} from PEFT's key names."""
+    suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
         k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        for part in ("lora_A", "lora_B"):
-            if k.endswith(f".{part}.weight"):
-                by_module.setdefault(k[: -len(f".{part}.weight")], {})[part] = t
+        k = k.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+        for suffix, part in suffixes.items():
+            if k.endswith(suffix):
+                by_module.setdefault(k[: -len(suffix)], {})[part] = t
                 break
         else:
-            raise QloraError(f"{path}: unexpected tensor '{key}' (only LoRA A/B weights are supported)")
+            raise QloraError(f"{path}: unexpected tensor '{key}' (only LoRA A/B weights and DoRA magnitudes are supported)")
+    return by_module
+
+
+def load_adapter(net: nn.Module, path: str) -> list[str]:
+    """Apply a PEFT LoRA adapter (ours or PEFT's) on top of the current model, live."""
+    cfg, tensors = read_adapter(path)
+    r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    dora = bool(cfg.get("use_dora", False))
+    by_module = _adapter_parts(path, tensors)
+    wanted = {"lora_A", "lora_B", "lora_magnitude"} if dora else {"lora_A", "lora_B"}
     names = []
     for name, ab in sorted(by_module.items()):
         try:
             base = net.get_submodule(name)
         except AttributeError:
             raise QloraError(f"{path}: adapter targets '{name}', which this model does not have (adapter for another model?)") from None
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise QloraError(f"{path}: '{name}' has only {sorted(ab)}")
-        layer = LoRALinear(base, r, alpha, 0.0, rslora)
+        if set(ab) != wanted:
+            raise QloraError(f"{path}: '{name}' has {sorted(ab)}, expected {sorted(wanted)} (use_dora={dora})")
+        try:
+            layer = LoRALinear(base, r, alpha, 0.0, rslora, dora=dora)
+        except ValueError as e:  # DoRA over a stacked adapter
+            raise QloraError(f"{path}: '{name}': {e}") from None
         for part, t in ab.items():
-            target = getattr(layer, part).weight
+            target = layer.lora_magnitude if part == "lora_magnitude" else getattr(layer, part).weight
             if t.shape != target.shape:
                 raise QloraError(f"{path}: '{name}.{part}.weight' has shape {tuple(t.shape)}, model expects {tuple(target.shape)}")
             with torch.no_grad():

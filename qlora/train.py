@@ -69,7 +69,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
     hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
+                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype),
+                dora=cfg.dora)
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
@@ -316,8 +317,8 @@ def fit(run: Run, progress: bool = True) -> dict:
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size", "grad_accum",
-                "seed"):
+    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "dora", "quant_type", "optimizer", "batch_size",
+                "grad_accum", "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")

@@ -112,7 +112,8 @@ def export_peft(model: str | None, adapters, out: str, overwrite: bool = False, 
     cfg, _ = hf.read_adapter(adapters[0])
     net, _ = _load(model, adapters, torch.bfloat16, quant_type)
     net.qlora_lora = dict(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                          targets="all", rslora=bool(cfg.get("use_rslora", False)))
+                          targets="all", rslora=bool(cfg.get("use_rslora", False)),
+                          dora=bool(cfg.get("use_dora", False)))
     with staged_dir(out, overwrite) as tmp:
         hf.save_adapter(net, str(tmp), model or DEFAULT_HUB_NAME)
     return {"output": str(out), "format": "peft", "layers": len(hf.lora_layers(net))}

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora as dora_fn
 from . import dropout as seeded
 from . import fused
 from .linear4bit import Linear4bit
@@ -23,10 +24,12 @@ from .linear4bit import Linear4bit
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
-                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+                 rslora: bool = False, dtype: torch.dtype = torch.float32, dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be > 0, got {r}")
+        if dora and isinstance(base, LoRALinear):
+            raise ValueError("DoRA needs a plain or 4-bit linear base, not another adapter")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -36,9 +39,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         seeded.threshold(dropout)  # validates 0 <= p < 1
         self.dropout = dropout
+        self.dora = dora
         self.reset_parameters()
         for p in base.parameters():
             p.requires_grad_(False)
+        if dora:  # qlora.nn.dora: one magnitude per output row, fp32, = ‖W + s·BA‖ so the layer starts as the base
+            self.lora_magnitude = nn.Parameter(dora_fn.row_norm(self))
 
     def reset_parameters(self) -> None:
         # drawn in fp32 whatever the storage dtype: bf16 adapters start from the fp32 run's A, rounded
@@ -50,6 +56,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora:  # the fused 4-bit paths below compute plain LoRA only
+            return dora_fn.forward(self, x)
         p = self.dropout if self.training else 0.0
         base = self.base
         if isinstance(base, Linear4bit) and x.dtype == base.compute_dtype and torch.is_grad_enabled():
@@ -72,7 +80,7 @@ class LoRALinear(nn.Module):
         product (_GatedLoRA4bit); the same results either way."""
         base = self.base
         if isinstance(base, Linear4bit) and gate.dtype == up.dtype == base.compute_dtype \
-                and gate.shape == up.shape and torch.is_grad_enabled():
+                and gate.shape == up.shape and torch.is_grad_enabled() and not self.dora:
             p = self.dropout if self.training else 0.0
             return _GatedLoRA4bit.apply(gate, up, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
                                         seeded.draw_seed() if p > 0 else 0)
@@ -83,7 +91,8 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """Dequantize the base, add s·BA in fp32, return a plain nn.Linear in `dtype`."""
+        """Dequantize the base, add s·BA in fp32 (DoRA: and rescale its rows to m), return a plain
+        nn.Linear in `dtype`."""
         base = self.base.merge(torch.float32) if isinstance(self.base, LoRALinear) else self.base
         if isinstance(base, Linear4bit):
             w = base.dequantized_weight(torch.float32)
@@ -91,17 +100,18 @@ class LoRALinear(nn.Module):
         else:
             w = base.weight.detach().float()
             dtype = dtype or _root_dtype(self)
+        w = dora_fn.merged_weight(self) if self.dora else w + self.delta_weight()
         bias = base.bias
         merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_((w + self.delta_weight()).to(dtype))
+            merged.weight.copy_(w.to(dtype))
             if bias is not None:
                 merged.bias.copy_(bias.detach().to(dtype))
         merged.requires_grad_(False)
         return merged
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, dora={self.dora}"
 
 
 def _lora4bit_forward(x2, a, b, layer: Linear4bit, scaling: float, p: float, seed: int):
