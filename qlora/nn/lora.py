@@ -22,6 +22,11 @@ from . import fused
 from .linear4bit import Linear4bit
 
 
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """s = α/r, or α/√r with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
                  rslora: bool = False, dtype: torch.dtype = torch.float32, dora: bool = False):
@@ -33,7 +38,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, rslora)
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
