@@ -6,6 +6,9 @@ weights are read once) and measured by
 - mean zero-shot accuracy over the multiple-choice tasks (a few examples each by default),
 - bits per parameter of the stored linear weights (codes + block scales + DQ constants), from the
   tensors themselves, parameter-weighted over every Linear4bit; 16 for bf16.
+A format may carry a LoRA initialisation, "nf4+dq/loftq16" or "nf4+dq/pissa64": the model measured
+is then Q + s·BA at step 0 (nn.lora_init, alpha 16, LoftQ 5 iterations), and its LoRA parameters
+are reported apart from the base's bits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 from ..errors import QloraError
 from ..quant import QUANT_TYPES
 
-_SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?$")
+_SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?(?:/(?P<init>loftq|pissa)(?P<r>\d+))?$")
+_STUDY_ALPHA = 16.0  # LoRA alpha of the step-0 LoftQ / PiSSA rows (Q + s·BA does not depend on it)
 
 
 @dataclass(frozen=True)
@@ -27,20 +31,25 @@ class DataType:
     quant_type: str  # "bf16" or one of quant.QUANT_TYPES
     double_quant: bool = False
     blocksize: int = 64
+    lora_init: str = "gaussian"  # or "loftq" / "pissa": Q + s·BA at step 0, LoRA rank `rank`
+    rank: int = 0
 
     @property
     def name(self) -> str:
         if self.quant_type == "bf16":
             return "bf16"
-        return f"{self.quant_type}{'+dq' if self.double_quant else ''}@{self.blocksize}"
+        init = "" if self.lora_init == "gaussian" else f"/{self.lora_init}{self.rank}"
+        return f"{self.quant_type}{'+dq' if self.double_quant else ''}@{self.blocksize}{init}"
 
 
 def parse_datatype(spec: str) -> DataType:
-    """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> DataType."""
+    """"bf16", "nf4", "nf4+dq", "fp4+dq@128", "nf4+dq/loftq16" ... -> DataType."""
     m = _SPEC.match(spec.strip().lower())
-    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (m["type"] == "bf16" and (m["dq"] or m["bs"])):
-        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, {', '.join(QUANT_TYPES)}")
-    return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64))
+    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (
+            m["type"] == "bf16" and (m["dq"] or m["bs"] or m["init"])) or (m["init"] and int(m["r"]) < 1):
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE][/loftqR|/pissaR] with TYPE one of bf16, "
+                         f"{', '.join(QUANT_TYPES)}")
+    return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64), m["init"] or "gaussian", int(m["r"] or 0))
 
 
 DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256",
@@ -78,11 +87,15 @@ def model_megabytes(net) -> float:
 
 
 def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
-    from ..hf import quantize_model
+    from ..hf import add_lora, quantize_model
+    from ..nn import lora_init
 
     net = copy.deepcopy(base)
+    init = lora_init.spec(dtype.lora_init, dtype.rank, _STUDY_ALPHA)
     if dtype.quant_type != "bf16":
-        quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype)
+        quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype, lora_init=init)
+    if init:  # takes the factors the quantization left on each layer: the model is Q + s·BA
+        add_lora(net, r=dtype.rank, alpha=_STUDY_ALPHA, dropout=0.0)
     net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
     return net.to(compute_dtype)
 
@@ -101,10 +114,12 @@ def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dic
         for path in adapters:
             load_adapter(net, path)
         bits, params = linear_bits(net)
+        lora = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
         ppl = perplexity(net, ids, window, progress=progress)
         acc = {name: evaluate_choice(net, tokenizer, qs, name, batch_size, progress).acc for name, qs in tasks.items()}
         row = dict(datatype=dt.name, quant_type=dt.quant_type, double_quant=dt.double_quant, blocksize=dt.blocksize,
-                   bits_per_param=bits, linear_params=params, model_mb=model_megabytes(net), perplexity=ppl.perplexity,
+                   bits_per_param=bits, linear_params=params, lora_params=lora, model_mb=model_megabytes(net),
+                   perplexity=ppl.perplexity,
                    ppl_tokens=ppl.tokens, zero_shot_mean=sum(acc.values()) / len(acc) if acc else None, zero_shot=acc)
         log(f"{dt.name:>14}: {bits:.3f} bits/param, ppl {ppl.perplexity:.2f}"
             + (f", zero-shot {row['zero_shot_mean']:.4f}" if acc else ""))

@@ -16,3 +16,27 @@ def test_plot_gives_coinciding_points_one_label(tmp_path):
     assert sorted(t.get_text() for t in ppl_ax.texts) == ["fp4@64", "int4@64", "nf4@64"]
     assert sorted(t.get_text() for t in acc_ax.texts) == ["int4@64", "nf4@64 = fp4@64"]
     assert (tmp_path / "dt.png").stat().st_size > 1000
+
+
+def test_lora_init_rows_measure_q_plus_ba_at_step_0(tiny_llama):
+    import pytest
+    import torch
+
+    from qlora import hf
+    from qlora.errors import QloraError
+    from qlora.evaluate.datatypes import DataType, parse_datatype, quantized_copy
+
+    dt = parse_datatype("bof4+dq/pissa4")
+    assert dt == DataType("bof4", True, 64, "pissa", 4) and dt.name == "bof4+dq@64/pissa4"
+    for bad in ("bf16/loftq4", "nf4/loftq0", "nf4/svd4"):
+        with pytest.raises(QloraError, match=r"TYPE\[\+dq\]\[@BLOCKSIZE\]\[/loftqR\|/pissaR\]"):
+            parse_datatype(bad)
+    base, _ = hf.load(tiny_llama, quant_type="bf16", compute_dtype=torch.float32)
+    plain = quantized_copy(base, parse_datatype("nf4+dq"), torch.float32)
+    for spec in ("nf4+dq/loftq4", "nf4+dq/pissa4"):
+        net = quantized_copy(base, parse_datatype(spec), torch.float32)
+        layers = hf.lora_layers(net)
+        assert len(layers) == 14 and all(layer.r == 4 and layer.dropout == 0.0 for layer in layers.values())
+        for name, layer in layers.items():
+            w = base.get_submodule(name).weight
+            assert (w - layer.merge(torch.float32).weight).norm() < (w - plain.get_submodule(name).dequantized_weight(torch.float32)).norm()
