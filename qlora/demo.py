@@ -11,10 +11,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from . import data, demo_task
 from .config import build_config
+from .generate import GenerationSettings, sample
 from .train import fit, peak_rss_mb, setup
 
 # Settings for the demo where the user gave none (the paper's defaults target 7B+ models and long
@@ -26,27 +25,27 @@ DEMO_DEFAULTS = dict(
 N_TRAIN, N_TEST = 2000, 100
 
 
-@torch.no_grad()
-def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat", batch_size: int = 16,
+def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat",
                          max_new_tokens: int = 40) -> tuple[float, list[dict]]:
-    """Greedy-decode each held-out prompt (rendered exactly as in training) and compare."""
+    """Greedy-decode each held-out prompt (rendered exactly as in training) and compare. One row at
+    a time through generate.sample, which runs the compiled decode step where the model has one:
+    on a CPU without native bf16 that is ~4x faster than transformers' batched generate over the
+    4-bit layers, which dequantizes every weight at every token."""
+    was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    eos = {tokenizer.eos_token_id}
     results = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [data.prompt_and_reference(r, fmt, tokenizer)[0] for r in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row, seq in zip(chunk, out[:, width:]):
-            text = tokenizer.decode(seq, skip_special_tokens=True).strip()
-            ref = data.prompt_and_reference(row, fmt, tokenizer)[1]
-            results.append({"prediction": text, "reference": ref, "correct": demo_task.exact_match(text, ref)})
-    model.train()
+    for row in rows:
+        prompt, ref = data.prompt_and_reference(row, fmt, tokenizer)
+        answer = []
+        for token in sample(model, prompt, settings, max_new_tokens):
+            if token in eos:
+                break
+            answer.append(token)
+        text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        results.append({"prediction": text, "reference": ref, "correct": demo_task.exact_match(text, ref)})
+    model.train(was_training)
     return sum(r["correct"] for r in results) / max(len(results), 1), results
 
 

@@ -97,6 +97,8 @@ def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
     if init:  # takes the factors the quantization left on each layer: the model is Q + s·BA
         add_lora(net, r=dtype.rank, alpha=_STUDY_ALPHA, dropout=0.0)
     net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
+    if dtype.quant_type == "bf16":  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+        net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
 

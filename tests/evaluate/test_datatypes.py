@@ -40,3 +40,17 @@ def test_lora_init_rows_measure_q_plus_ba_at_step_0(tiny_llama):
         for name, layer in layers.items():
             w = base.get_submodule(name).weight
             assert (w - layer.merge(torch.float32).weight).norm() < (w - plain.get_submodule(name).dequantized_weight(torch.float32)).norm()
+
+
+def test_bf16_row_rounds_weights_to_bf16_whatever_the_compute_dtype():
+    # under --compute-dtype auto an AVX2 CPU computes in fp32: the "bf16" row must still be bf16 weights
+    import torch
+
+    from qlora.evaluate.datatypes import parse_datatype, quantized_copy
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    net = quantized_copy(base, parse_datatype("bf16"), torch.float32)
+    w = base[0].weight.detach()
+    assert net[0].weight.dtype == torch.float32
+    assert torch.equal(net[0].weight, w.bfloat16().float()) and not torch.equal(net[0].weight, w)

@@ -3,6 +3,7 @@ import torch
 
 from qlora import dequantize
 from qlora.nn import Linear4bit
+from quant.helpers import bnb_dequantize_4bit  # tests/quant/helpers.py: the same bits on every CPU
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "fp4_e3m0", "int4"])
@@ -61,14 +62,14 @@ def test_bitsandbytes_linear4bit_state_dict_loads_both_ways():
     theirs = ref.state_dict()
     ours = Linear4bit.from_linear(torch.nn.Linear(128, 48), compute_dtype=torch.bfloat16)
     ours.load_state_dict(theirs)
-    expected = bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state)
+    expected = bnb_dequantize_4bit(ref.weight.data, ref.weight.quant_state)
     assert torch.equal(ours.dequantized_weight(expected.dtype), expected)
     # ours -> theirs
     mine = Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16)
     sd = mine.state_dict()
     stats = {k: v for k, v in sd.items() if k.startswith("weight.")}
     state = bnb.functional.QuantState.from_dict(stats, device=torch.device("cpu"))
-    got = bnb.functional.dequantize_4bit(sd["weight"], state)
+    got = bnb_dequantize_4bit(sd["weight"], state)
     assert torch.equal(got, mine.dequantized_weight(got.dtype))
 
 
