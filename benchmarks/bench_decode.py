@@ -8,7 +8,7 @@ Both decode exactly --new-tokens tokens (end-of-sequence is not a stop here) aft
 prompt, one token per step against a KV cache. Each token is timed as it comes out; decode
 tokens/s is (n - 1) / (time of the last token - time of the first), so the prompt's prefill is
 apart, and so is the CPU time per token. qlora decodes llama-family models with its own compiled
-step (qlora/decode.py); --forward-row adds a row for the same qlora model through transformers'
+step (qlora/decoder.py); --forward-row adds a row for the same qlora model through transformers'
 forward, its path before. The rows take turns `--repeats` times; the median is reported, with the
 process CPU time per decoded token (what a shared, busy machine distorts least). Both quantize the
 base to NF4, blocksize 64, double quantization, compute dtype --dtype. Where llama-cpp-python is
@@ -47,7 +47,7 @@ def time_tokens(run) -> tuple[list[int], list[float], float]:
 
 
 def qlora_runner(model, ids, n, path: str = ""):
-    """path "": qlora's own decode step where it applies (qlora/decode.py); "model": the model's forward."""
+    """path "": qlora's own decode step where it applies (qlora/decoder.py); "model": the model's forward."""
     def run(mark):
         before = os.environ.get("QLORA_DECODE")
         os.environ["QLORA_DECODE"] = path
@@ -141,7 +141,7 @@ def main() -> None:
                     help="threads for the llama.cpp row (llama-cpp-python, when installed; GGUF models only)")
     ap.add_argument("--forward-row", action="store_true",
                     help="also time qlora's model through transformers' forward "
-                         "(its decode path before qlora/decode.py)")
+                         "(its decode path before qlora/decoder.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,7 +172,8 @@ def main() -> None:
                 os.path.join(model_dir, gguf_file), ids, n, args.llama_cpp_threads)
     except ImportError as e:
         print(f"(no llama.cpp row: {e})")
-    print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, prompt {len(ids)} tokens, {n} new tokens; "
+    print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, "
+          f"prompt {len(ids)} tokens, {n} new tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
     results = {name: [] for name in runners}
     for _ in range(args.repeats):

@@ -148,7 +148,8 @@ def into_rows(shapes, bnb_f, to_nf4, min_time: float) -> list[Row]:
                 fresh["torchao"] = to_nf4(w, block_size=64, scaler_block_size=256).get_original_weight
             except (AssertionError, RuntimeError, ValueError) as e:  # its scaler blocks must tile the weight
                 print(f"torchao cannot quantize {shape}: {str(e).splitlines()[0][:80]}")
-        rows.append((f"dequantize {shape[0]}x{shape[1]} nf4 + DQ -> preallocated bf16", w.numel(), bench(into, min_time)))
+        rows.append((f"dequantize {shape[0]}x{shape[1]} nf4 + DQ -> preallocated bf16", w.numel(),
+                     bench(into, min_time)))
         if shape[0] * shape[1] <= 2**22:  # the big matrix's allocating calls are in matrix_rows
             rows.append((f"dequantize {shape[0]}x{shape[1]} nf4 + DQ -> bf16", w.numel(), bench(fresh, min_time)))
     return rows

@@ -150,7 +150,8 @@ def roofline(dtype: str) -> dict:
     lora = sum(R * (a + b) for a, b in linears) * L
     attn = 4 * SEQ * h * L  # QK^T and AV, full (not causal-halved) per token
     per_token = 2 * base * 2 + 2 * h * V * 2 + 2 * lora * 3 + attn * 3  # fwd+bwd(input); LoRA also weight grads
-    return {"matmul_gflops": gflops, "mflop_per_token": per_token / 1e6, "roofline_tokens_per_s": gflops * 1e9 / per_token}
+    return {"matmul_gflops": gflops, "mflop_per_token": per_token / 1e6,
+            "roofline_tokens_per_s": gflops * 1e9 / per_token}
 
 
 def run(name: str, steps: int, warmup: int, dtype: str) -> dict:
@@ -161,7 +162,8 @@ def run(name: str, steps: int, warmup: int, dtype: str) -> dict:
     return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc")
 
 
-LABELS = {"qlora": "qlora", "peft_fp32": "peft + bnb, fp32", "peft_bf16": "peft + bnb, bf16", "qlora_gc": "qlora, grad ckpt"}
+LABELS = {"qlora": "qlora", "peft_fp32": "peft + bnb, fp32", "peft_bf16": "peft + bnb, bf16",
+          "qlora_gc": "qlora, grad ckpt"}
 
 
 def main() -> None:
@@ -184,7 +186,8 @@ def main() -> None:
     model_dir()
     results = {}
     for name in ("roofline", "qlora", "peft_fp32", "peft_bf16", "qlora_gc"):
-        r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup", str(a.warmup),
+        r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup",
+                            str(a.warmup),
                             "--compute-dtype", dtype], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-1500:]}")
@@ -209,7 +212,8 @@ def report(results: dict, dtype: str) -> None:
     if "qlora" in results and peers:
         best = max(peers, key=lambda n: results[n]["tokens_per_s"])
         q, p = results["qlora"], results[best]
-        print(f"qlora / peft+bnb at its fastest ({LABELS[best]}): throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
+        print(f"qlora / peft+bnb at its fastest ({LABELS[best]}): "
+              f"throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
               f"peak RSS {q['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
     if "qlora" in results and "qlora_gc" in results:
         print(f"gradient checkpointing: step time {results['qlora_gc']['step_s'] / results['qlora']['step_s']:.2f}x "

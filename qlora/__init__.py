@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .quiet import silence_known_noise  # noqa: E402
+
+silence_known_noise()  # before transformers (and through it torchao) is imported
+
 from .quant import (  # noqa: E402
     QuantizedTensor,
     bits_per_parameter,
@@ -11,4 +15,5 @@ from .quant import (  # noqa: E402
     to_state_dict,
 )
 
-__all__ = ["QuantizedTensor", "bits_per_parameter", "dequantize", "from_state_dict", "quantize", "to_state_dict", "__version__"]
+__all__ = ["QuantizedTensor", "bits_per_parameter", "dequantize", "from_state_dict", "quantize", "to_state_dict",
+           "__version__"]

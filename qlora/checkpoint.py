@@ -15,8 +15,10 @@ the previous checkpoint usable; a checkpoint that fails verification is refused 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -29,6 +31,7 @@ from .errors import QloraError
 
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "rng.safetensors",
          "trainer_state.json")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
 
 
 def _sha256(path: Path) -> str:
@@ -49,11 +52,15 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -76,19 +83,40 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save(ckpt_root: Path, step: int, adapter_writer, optimizer, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint `step-XXXXXX` atomically, update `latest`, prune to the newest `keep`."""
-    from safetensors.torch import save_file
-
-    from .safetensors_writer import write_streaming
-
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, step, adapter_writer, optimizer, trainer_state)
+    except BaseException as e:  # nothing half-written stays (a full disk would stay full)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise QloraError(f"{ckpt_root}: no space left on device for checkpoint {name}: it needs about "
+                             f"{checkpoint_bytes(optimizer):,} bytes, {shutil.disk_usage(ckpt_root).free:,} are free "
+                             "(the partial checkpoint was removed; free space or set --output-dir elsewhere)") from None
+        raise
+    if final.exists():  # a re-run of the same step after a crash: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    verify(final)
+    write_json_atomic(ckpt_root / "latest", {"checkpoint": name})
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _write(tmp: Path, step: int, adapter_writer, optimizer, trainer_state: dict) -> None:
+    """The checkpoint's files and manifest, fsynced, in the directory `tmp`."""
+    from safetensors.torch import save_file
+
+    from . import safetensors_writer
+
     tmp.mkdir()
     adapter_writer(str(tmp))
     # streamed one parameter's state at a time: save_file would want all of it in memory at once
-    write_streaming(tmp / "optimizer.safetensors", optimizer.state_specs(), optimizer.iter_state())
+    safetensors_writer.write_streaming(tmp / "optimizer.safetensors", optimizer.state_specs(), optimizer.iter_state())
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, step=step, optimizer=optimizer.meta(), rng=rng_meta)
@@ -101,14 +129,14 @@ def save(ckpt_root: Path, step: int, adapter_writer, optimizer, trainer_state: d
         manifest[f] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     write_json_atomic(tmp / "manifest.json", manifest)
     _fsync_dir(tmp)
-    if final.exists():  # a re-run of the same step after a crash: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    verify(final)
-    write_json_atomic(ckpt_root / "latest", {"checkpoint": name})
-    _prune(ckpt_root, keep)
-    return final
+
+
+def checkpoint_bytes(optimizer) -> int:
+    """About what a checkpoint takes on disk: the optimizer state plus the adapter weights (at most
+    4 bytes each); the JSON files and RNG state add kilobytes."""
+    state = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                for _, dtype, shape in optimizer.state_specs())
+    return state + sum(4 * math.prod(p["shape"]) for p in optimizer.meta()["params"].values())
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:

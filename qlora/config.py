@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 from .errors import QloraError
 from .precision import spelled
+from .quant.spec import DEFAULT as QUANT_DEFAULT, QuantSpec
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bof4", "bof4s", "bf16"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
@@ -34,14 +35,16 @@ class TrainConfig:
     # ---- model ----
     model: Optional[str] = None
     """Local HF directory, GGUF file, or hub name. Default: the embedded SmolLM2-135M-Instruct."""
-    quant_type: QuantType = "nf4"
-    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA); bof4/bof4s: MSE-optimal codebooks, not loadable by bitsandbytes."""
-    double_quant: bool = True
+    quant_type: QuantType = QUANT_DEFAULT.quant_type
+    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA); bof4/bof4s: MSE-optimal codebooks,
+    not loadable by bitsandbytes."""
+    double_quant: bool = QUANT_DEFAULT.double_quant
     """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
-    blocksize: int = 64
+    blocksize: int = QUANT_DEFAULT.blocksize
     """Elements per absmax block of the 4-bit weights (32..4096)."""
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16 natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
+    """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16
+    natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
     quantize_head: bool = False
     """Also quantize the output head (the paper keeps it in 16 bits)."""
     # ---- LoRA ----
@@ -56,13 +59,16 @@ class TrainConfig:
     rslora: bool = False
     """Rank-stabilized scaling alpha/sqrt(r)."""
     lora_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
+    """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays
+    fp32."""
     lora_init: Literal["gaussian", "loftq", "pissa"] = "gaussian"
-    """LoRA start: gaussian (A random, B = 0, the paper), loftq (base and A, B fitted so Q + s·BA ≈ W), pissa (top-r SVD of W in A, B, the residual quantized); loftq/pissa run as the model loads."""
+    """LoRA start: gaussian (A random, B = 0, the paper), loftq (base and A, B fitted so Q + s·BA ≈ W), pissa
+    (top-r SVD of W in A, B, the residual quantized); loftq/pissa run as the model loads."""
     loftq_iters: int = 5
     """LoftQ alternations between quantizing W - s·BA and the rank-r SVD of W - Q."""
     dora: bool = False
-    """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and export fold it in."""
+    """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and
+    export fold it in."""
     # ---- data ----
     data: Optional[str] = None
     """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""
@@ -132,6 +138,11 @@ class TrainConfig:
     """With several processes: shard each decoder layer's frozen 4-bit weights and norms over the ranks
     (FSDP2), gathered per layer for its forward and backward; LoRA stays data-parallel."""
 
+    @property
+    def quant(self) -> QuantSpec:
+        """quant_type, blocksize and double_quant as one QuantSpec."""
+        return QuantSpec(self.quant_type, self.blocksize, self.double_quant)
+
 
 @functools.cache
 def field_docs(cls=TrainConfig) -> dict[str, str]:
@@ -141,12 +152,13 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
     docs = {}
     for prev, node in zip(body, body[1:]):
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = node.value.value
+            docs[prev.target.id] = " ".join(node.value.value.split())  # wrapped in the source, one line here
     return docs
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str, key: str = "size") -> int:
@@ -228,8 +240,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"{source}: val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ConfigError(f"{source}: blocksize must be a power of two in 32..4096, got {cfg.blocksize}")
+    try:
+        cfg.quant.check()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     if cfg.optimizer_memory_budget is not None:
         parse_size(cfg.optimizer_memory_budget, f"{source}: optimizer_memory_budget")
 

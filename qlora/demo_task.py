@@ -1,6 +1,7 @@
 """The embedded default task: extract a person record from one sentence into compact JSON.
 
-    "At 34, Maria Lopez settled in Lisbon back in 2019."  ->  {"name":"Maria Lopez","age":34,"city":"Lisbon","year":2019}
+    "At 34, Maria Lopez settled in Lisbon back in 2019."
+        ->  {"name":"Maria Lopez","age":34,"city":"Lisbon","year":2019}
 
 qlora ships no dataset and runs offline, so it generates this task itself: many sentence templates,
 names, cities, ages and dates from built-in lists. The answer is checkable exactly (`exact_match`)

@@ -174,4 +174,5 @@ def launch(cfg) -> dict:
     if code != 0:
         raise QloraError(f"distributed training with {cfg.nproc} processes failed (exit code {code}); "
                          "see the ranks' errors above")
-    return {"nproc": cfg.nproc, "output_dir": cfg.output_dir, "adapter": str(Path(cfg.output_dir) / "adapter_model.safetensors")}
+    return {"nproc": cfg.nproc, "output_dir": cfg.output_dir,
+            "adapter": str(Path(cfg.output_dir) / "adapter_model.safetensors")}

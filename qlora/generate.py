@@ -3,7 +3,7 @@
 The loop is ours rather than `model.generate` so that streaming needs no thread, stop strings never
 leak into the output, and a seed fixes the result: sampling draws from a private torch.Generator,
 never the global RNG. The prompt is run once through the model's forward; then each step feeds
-one token, through qlora/decode.py's compiled step and its own KV cache for llama-family 4-bit
+one token, through qlora/decoder.py's compiled step and its own KV cache for llama-family 4-bit
 models, else through the model's forward again with the cache it returned (a transformers Cache).
 
     prompt (text | chat messages | token ids) -> ids -> prefill -> [pick, decode, step]* -> text
@@ -11,14 +11,12 @@ models, else through the model's forward again with the cache it returned (a tra
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from . import decode
+from .decoder import decoder as llama_decoder
 from .errors import QloraError
 
 Prompt = str | list[dict] | list[int]
@@ -64,35 +62,23 @@ class Delta:
 
 
 def load_model(model: str | None = None, adapters=(), quant_type: str | None = None,
-               compute_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu"):
-    """A 4-bit base with adapters applied live. The base is quantized as the (first) adapter was
-    trained on (see base_quant), unless `quant_type` says otherwise."""
+               compute_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu", *,
+               blocksize: int | None = None, double_quant: bool | None = None):
+    """The one loader for inference (generate, chat, serve, eval, merge, export): a 4-bit base with
+    adapters applied live. The base is quantized as the (first) adapter was trained on
+    (adapters.recorded_quant), each setting given here (not None) replacing the recorded one.
+    `compute_dtype`: a torch dtype, a name or alias, or "auto" (qlora.precision)."""
     from . import hf
+    from .adapters import recorded_lora_init, recorded_quant
 
-    quant = base_quant(adapters)
-    if quant_type is not None:
-        quant["quant_type"] = quant_type
-    net, tokenizer = hf.load(model, compute_dtype=compute_dtype, adapters=list(adapters), device=device, **quant)
-    return net, tokenizer
-
-
-def base_quant(adapters) -> dict:
-    """quant_type/blocksize/double_quant that qlora recorded in the (first) adapter's safetensors
-    header when it was trained (QLoRA's defaults for adapters from elsewhere)."""
-    from safetensors import safe_open
-
-    quant = dict(quant_type="nf4", blocksize=64, double_quant=True)
-    for path in list(adapters)[:1]:
-        try:
-            with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as f:
-                recorded = json.loads((f.metadata() or {}).get("qlora_quant") or "null") or {}
-        except Exception:  # missing or unreadable: hf.load_adapter reports it properly
-            recorded = {}
-        if isinstance(recorded, dict):
-            quant.update({k: v for k, v in recorded.items() if k in quant})
-            if isinstance(recorded.get("lora_init"), dict):  # LoftQ / PiSSA: re-derive the base it trained on
-                quant["lora_init"] = recorded["lora_init"]
-    return quant
+    quant = recorded_quant(adapters).replace(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    try:
+        quant.check()
+    except ValueError as e:
+        raise QloraError(str(e)) from None
+    # LoftQ / PiSSA: re-derive, from the original weights, the base the adapter trained on
+    return hf.load(model, quant, compute_dtype=compute_dtype, adapters=list(adapters), device=device,
+                   lora_init=recorded_lora_init(adapters))
 
 
 def context_length(model) -> int | None:
@@ -164,7 +150,7 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
         gen.manual_seed(s.seed)
     with torch.inference_mode():  # entered around each forward only: a yield must not leak the mode to the caller
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        step = decode.decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
+        step = llama_decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
         if step is not None:
             step.load(out.past_key_values, len(ids))
     logits, token = out.logits[0, -1], None
@@ -246,7 +232,8 @@ class _Detokenizer:
             self.stopped = True
             text, self.pending = self.pending[: min(hits)], ""
             return text, True
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        partial = (k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k]))
+        hold = 0 if final else max(partial, default=0)
         cut = len(self.pending) - hold
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text, False

@@ -74,7 +74,8 @@ def iter_tensors(paths: list[str | os.PathLike], map_if=None) -> Iterator[tuple[
                 dtype, start = DTYPES[entry["dtype"]], data_start + begin
                 if map_if is not None and start % dtype.itemsize == 0 and map_if(name, dtype):
                     if mapping is None:
-                        mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.fstat(f.fileno()).st_size)
+                        mapping = torch.UntypedStorage.from_file(str(path), shared=False,
+                                                                 nbytes=os.fstat(f.fileno()).st_size)
                     view = torch.empty(0, dtype=torch.uint8).set_(mapping, start, (end - begin,))
                     yield name, view.view(dtype).reshape(entry["shape"]), True
                     continue

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, data, distributed, hf, precision
+from . import __version__, adapters, checkpoint, data, distributed, hf, precision
 from .config import TrainConfig, parse_size, to_dict
 from .errors import QloraError
 from .nn import lora_init
 from .nn.loss import linear_cross_entropy
+from .nn.surgery import add_lora
 
 
 @dataclass
@@ -64,15 +65,13 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
         model, tokenizer = hf.load(
-            cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-            compute_dtype=precision.torch_dtype(cfg.compute_dtype), quantize_head=cfg.quantize_head, device=device,
-            on_layer=shard,
+            cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
+            quantize_head=cfg.quantize_head, device=device, on_layer=shard,
             lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
-    hf.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype),
-                dora=cfg.dora)
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
@@ -167,7 +166,8 @@ def validation_loss(run: Run) -> float | None:
         return None
     run.model.eval()
     total, count = 0.0, 0
-    for idx in data.epoch_batches([len(e["input_ids"]) for e in run.val_set], run.cfg.batch_size, run.cfg.seed, 0, False):
+    lengths = [len(e["input_ids"]) for e in run.val_set]
+    for idx in data.epoch_batches(lengths, run.cfg.batch_size, run.cfg.seed, 0, False):
         idx, weight = _my_share(idx, run.cfg)  # data parallel: this rank's share
         if not idx:
             continue
@@ -223,7 +223,7 @@ def fit(run: Run, progress: bool = True) -> dict:
         ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
         state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
         _check_compatible(state, cfg, ckpt)
-        _load_adapter_weights(model, ckpt)
+        adapters.load_weights(model, ckpt)
         opt.load_state(opt_tensors, state["optimizer"])
         checkpoint.set_rng_state(rng_tensors, state["rng"])
         step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
@@ -251,14 +251,15 @@ def fit(run: Run, progress: bool = True) -> dict:
                 cursor += 1
             # 2. forward/backward, loss weighted by target tokens across the accumulated batches
             #    (n_targets counts the whole global batch, so data-parallel ranks scale their shares alike)
-            n_targets = sum(sum(sum(1 for t in run.train_set[i]["labels"][1:] if t != -100) for i in idx) for idx in micro)
+            n_targets = sum(sum(1 for t in run.train_set[i]["labels"][1:] if t != -100) for idx in micro for i in idx)
             distributed.seed_step(cfg.seed, step)
             step_loss, step_tokens = 0.0, 0
             for idx in micro:
                 idx, weight = _my_share(idx, cfg)  # data parallel: this rank's share of the micro-batch
                 if not idx:
                     continue
-                batch = _to_device(data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id), run.device)
+                batch = data.collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id)
+                batch = _to_device(batch, run.device)
                 s, _ = loss_sum(model, batch)
                 (s * weight / n_targets).backward()
                 step_loss += weight * float(s.detach()) / n_targets
@@ -289,7 +290,8 @@ def fit(run: Run, progress: bool = True) -> dict:
                 rec = {"step": step, "loss": round(sum(losses) / len(losses), 6), "lr": opt.lr,
                        "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens_log / dt, 1),
                        "peak_rss_mb": round(peak_rss_mb(), 1)}
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", rss=f"{rec['peak_rss_mb']:.0f}MB")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                rss=f"{rec['peak_rss_mb']:.0f}MB")
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 t_log, tokens_log, losses = time.perf_counter(), 0, []
@@ -299,9 +301,10 @@ def fit(run: Run, progress: bool = True) -> dict:
                 log.flush()
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
                 if main:  # the other ranks hold the same state; they wait so that none runs ahead of it
-                    last_good = str(checkpoint.save(ckpt_root, step, lambda d: hf.save_adapter(model, d, cfg.model), opt,
-                                                    dict(epoch=epoch, cursor=cursor, config=to_dict(cfg),
-                                                         qlora_version=__version__), cfg.save_total_limit))
+                    last_good = str(checkpoint.save(
+                        ckpt_root, step, lambda d: adapters.save_adapter(model, d, cfg.model), opt,
+                        dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), qlora_version=__version__),
+                        cfg.save_total_limit))
                 distributed.barrier()
     bar.close()
     opt_stats = opt.stats()  # state size, and what paging cost: bytes in/out, evictions, stall time
@@ -326,18 +329,6 @@ def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")
 
 
-def _load_adapter_weights(model, ckpt: Path) -> None:
-    _, tensors = hf.read_adapter(str(ckpt))
-    expected = hf.adapter_state_dict(model)
-    if set(tensors) != set(expected):
-        raise QloraError(f"{ckpt}: adapter keys do not match this model (checkpoint from another model?)")
-    with torch.no_grad():
-        for key, t in expected.items():
-            if tensors[key].shape != t.shape:
-                raise QloraError(f"{ckpt}: '{key}' has shape {tuple(tensors[key].shape)}, model expects {tuple(t.shape)}")
-            t.copy_(tensors[key])
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
@@ -347,11 +338,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
     """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
-    for name, t in hf.adapter_state_dict(model).items():
+    for name, t in adapters.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
-    hf.save_adapter(model, str(tmp), cfg.model)
+    adapters.save_adapter(model, str(tmp), cfg.model)
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         os.replace(tmp / f, out / f)
     tmp.rmdir()

@@ -12,7 +12,7 @@ The checkpoint: bf16 safetensors shards (<= --shard-gb each) written tensor by t
 generator holds one random pool, never a shard or the model. Matrices are N(0, 0.02²); each one is
 a window at a random offset into a pool of 2^27 N(0, 0.02²) values (drawing 32.5B fresh normals
 would take most of an hour on 2 cores, and neither the 4-bit load nor a training step depends on
-the values' independence). Norm weights are 1. The byte-level tokenizer of qlora.tiny (ids < 260)
+the values' independence). Norm weights are 1. The byte-level tokenizer of tests/tiny.py (ids < 260)
 is saved alongside; the model keeps LLaMA's 32000-entry vocabulary. The checkpoint and the run's
 output are deleted at the end unless --keep.
 
@@ -46,7 +46,8 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, **_) -> list[tuple
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (intermediate, hidden)), (p + "mlp.up_proj.weight", (intermediate, hidden)),
+        shapes += [(p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                   (p + "mlp.up_proj.weight", (intermediate, hidden)),
                    (p + "mlp.down_proj.weight", (hidden, intermediate)), (p + "input_layernorm.weight", (hidden,)),
                    (p + "post_attention_layernorm.weight", (hidden,))]
     return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (VOCAB, hidden))]
@@ -76,7 +77,8 @@ def write_checkpoint(out: Path, size: str, shard_bytes: int, seed: int = 0) -> i
     import torch
     from transformers import LlamaConfig
 
-    from qlora.tiny import tiny_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py, a test fixture
+    from tiny import tiny_tokenizer
 
     spec = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
@@ -191,18 +193,22 @@ def run_training(cmd: list[str], log: Path, metrics: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=tuple(SIZES), default="7B")
-    ap.add_argument("--dir", default="/tmp/qlora-big", help="where the checkpoint and the run go (needs ~2 bytes/param free)")
+    ap.add_argument("--dir", default="/tmp/qlora-big",
+                    help="where the checkpoint and the run go (needs ~2 bytes/param free)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lora-r", type=int, default=64)
-    ap.add_argument("--optimizer-budget", default="1GB", help="RAM for resident optimizer state; the rest pages to disk")
+    ap.add_argument("--optimizer-budget", default="1GB",
+                    help="RAM for resident optimizer state; the rest pages to disk")
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the run")
     ap.add_argument("--force", action="store_true", help="pass --force to qlora train (skip the memory preflight)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks (data parallel; batch = nproc, one example each)")
-    ap.add_argument("--shard-base", action="store_true", help="FSDP2: shard the decoder layers' 4-bit weights over the ranks")
+    ap.add_argument("--shard-base", action="store_true",
+                    help="FSDP2: shard the decoder layers' 4-bit weights over the ranks")
     a = ap.parse_args(argv)
 
     root = Path(a.dir) / f"llama-{a.size}"
@@ -212,7 +218,8 @@ def main(argv=None) -> None:
     if not (model_dir / "model.safetensors.index.json").exists():
         free = shutil.disk_usage(Path(a.dir).parent if not Path(a.dir).exists() else a.dir).free
         if free < need + 8 * GB:
-            sys.exit(f"{a.dir}: {free / GB:.0f} GB free, the {a.size} checkpoint needs {need / GB:.0f} GB (+8 GB for the run)")
+            sys.exit(f"{a.dir}: {free / GB:.0f} GB free, the {a.size} checkpoint needs {need / GB:.0f} GB "
+                     "(+8 GB for the run)")
         print(f"writing a random LLaMA-{a.size} checkpoint ({need / GB:.1f} GB bf16) to {model_dir}", flush=True)
         t = time.perf_counter()
         write_checkpoint(model_dir, a.size, int(a.shard_gb * GB))
@@ -243,9 +250,12 @@ def report(a, spec, m: dict, predicted: dict, root: Path) -> None:
         ("LoRA", f"r={a.lora_r}, all linear layers; batch 1 x {a.seq_len} tokens; gradient checkpointing; "
                  f"paged_adamw, {a.optimizer_budget} resident"),
         ("peak RSS, training steps", f"{m['steps_peak_rss'] / GB:.2f} GB ({m['steps_peak_rss'] / GiB:.2f} GiB)"),
-        ("peak RSS, whole run", f"{m['peak_rss'] / GB:.2f} GB ({m['peak_rss'] / GiB:.2f} GiB), final checkpoint included"),
-        ("training step (qlora memory)", f"{predicted['step'] / GB:.2f} GB ({predicted['step'] / GiB:.2f} GiB) predicted"),
-        ("RSS when loaded (largest rank)" if a.nproc > 1 else "RSS when loaded", f"{m['rss_after_load'] / GB:.2f} GB ({m['rss_after_load'] / GiB:.2f} GiB)"),
+        ("peak RSS, whole run",
+         f"{m['peak_rss'] / GB:.2f} GB ({m['peak_rss'] / GiB:.2f} GiB), final checkpoint included"),
+        ("training step (qlora memory)",
+         f"{predicted['step'] / GB:.2f} GB ({predicted['step'] / GiB:.2f} GiB) predicted"),
+        ("RSS when loaded (largest rank)" if a.nproc > 1 else "RSS when loaded",
+         f"{m['rss_after_load'] / GB:.2f} GB ({m['rss_after_load'] / GiB:.2f} GiB)"),
         ("loading (qlora memory)", f"{predicted['load'] / GB:.2f} GB ({predicted['load'] / GiB:.2f} GiB) predicted"),
         ("load (start -> model ready)", f"{m['load_s']:.0f} s"),
         ("first step", f"{steps[0]:.0f} s" if steps else "-"),
@@ -258,7 +268,8 @@ def report(a, spec, m: dict, predicted: dict, root: Path) -> None:
     result = dict(size=a.size, lora_r=a.lora_r, seq_len=a.seq_len, optimizer_budget=a.optimizer_budget,
                   nproc=a.nproc, shard_base=a.shard_base,
                   predicted_bytes=predicted, **m)
-    out = Path(a.dir) / f"result-{a.size}{f'-{a.nproc}proc' if a.nproc > 1 else ''}{'-sharded' if a.shard_base else ''}.json"
+    procs, sharded = f"-{a.nproc}proc" if a.nproc > 1 else "", "-sharded" if a.shard_base else ""
+    out = Path(a.dir) / f"result-{a.size}{procs}{sharded}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"\n(saved {out}; the training log was {root / 'train.log'})")
 

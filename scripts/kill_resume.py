@@ -44,7 +44,8 @@ def same_tensors(a: Path, b: Path) -> bool:
 
     ta, tb = load_file(str(a)), load_file(str(b))
     as_bytes = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731  (NaN-safe, -0 != +0)
-    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(as_bytes(ta[k]), as_bytes(tb[k])) for k in ta)
+    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(as_bytes(ta[k]), as_bytes(tb[k]))
+                                          for k in ta)
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
@@ -79,7 +80,8 @@ def run_with_kills(cmd_for, out: Path, kills: int, rng: random.Random, log) -> d
                 proc.wait()
                 counts["kills"] += 1
                 counts["during_checkpoint_write"] += int(in_write)
-                log(f"kill {counts['kills']}: SIGKILL {'during a checkpoint write' if in_write else 'between checkpoints'}"
+                when = "during a checkpoint write" if in_write else "between checkpoints"
+                log(f"kill {counts['kills']}: SIGKILL {when}"
                     f" (newest complete checkpoint: {_newest(out) or 'none'})")
                 resume = bool(_newest(out))
                 counts["resumes"] += int(resume)
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="paged_adamw")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
-    from qlora.tiny import save_tiny
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py, a test fixture
+    from tiny import save_tiny
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="qlora-kill-"))
     model = save_tiny(str(work / "model"), "llama")

@@ -25,7 +25,7 @@ def shared_data(rel: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """arch -> directory of a saved tiny random model (+ byte tokenizer)."""
-    from qlora.tiny import ARCHS, save_tiny
+    from tiny import ARCHS, save_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: save_tiny(str(root / arch), arch) for arch in ARCHS}

@@ -8,7 +8,7 @@ import pytest
 
 import qlora.chat as chat
 from qlora.generate import GenerationSettings, load_model
-from qlora.tiny import save_tiny
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_history_reset_and_exit(live, monkeypatch):
     monkeypatch.setattr(chat, "stream", spy)
     lines = iter(["hello", "again", "/reset", "", "/nope", "fresh", "/exit", "never read"])
     out = io.StringIO()
-    answers = chat.repl(*live, GenerationSettings(max_new_tokens=3), system="be brief", read=lambda _: next(lines), out=out)
+    answers = chat.repl(*live, GenerationSettings(max_new_tokens=3), system="be brief", read=lambda _: next(lines),
+                        out=out)
     assert answers == 3
     assert [[m["role"] for m in s] for s in seen] == [
         ["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
@@ -52,7 +53,8 @@ def test_fit_history_drops_oldest_turns_keeps_system(live):
     _, tok = live
     messages = [{"role": "system", "content": "s"}]
     for i in range(6):
-        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+        messages += [{"role": "user", "content": f"question {i} " * 5},
+                     {"role": "assistant", "content": f"answer {i} " * 5}]
     messages.append({"role": "user", "content": "last"})
     kept = chat.fit_history(tok, messages, limit=200, reserve=20)
     assert kept[0] == messages[0] and kept[-1] == messages[-1]

@@ -1,7 +1,7 @@
 """Hostile input through the CLI: each case is a one-line error naming the file/line/key, exit
 status 2, and an output directory that was never created (reliability issue, item 7).
 
-The data cases are the catalogue of test_data_hostile.py, driven through `qlora train`; the rest
+The data cases are the catalogue of tests/data/test_hostile.py, driven through `qlora train`; the rest
 cover config, adapters, checkpoints and weights. `qlora.cli.main` runs in-process (same code path
 as the console script, without paying interpreter start-up per case)."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qlora.cli import main
-from test_data_hostile import CASES
+from data.test_hostile import CASES  # tests/data/test_hostile.py
 
 
 def _run(capsys, *args) -> tuple[int, str]:
@@ -31,7 +31,8 @@ def _assert_one_line_error(rc, err, out_dir, needle):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("name, content, expected", [c[:3] for c in CASES if c[2] is not None], ids=[c[0] for c in CASES if c[2] is not None])
+@pytest.mark.parametrize("name, content, expected", [c[:3] for c in CASES if c[2] is not None],
+                         ids=[c[0] for c in CASES if c[2] is not None])
 def test_bad_data_file(tiny_llama, tmp_path, capsys, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
@@ -83,7 +84,7 @@ def test_bad_config_file(tiny_llama, tmp_path, capsys, yaml_text, needle):
 
 
 def test_nan_in_weights(tmp_path, capsys):
-    from qlora.tiny import tiny_model, tiny_tokenizer
+    from tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama")
     with torch.no_grad():
@@ -105,7 +106,8 @@ def test_truncated_safetensors_model(tiny_llama, tmp_path, capsys):
     st = next(bad.glob("*.safetensors"))
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     out = tmp_path / "out"
-    rc, err = _run(capsys, "train", "--model", str(bad), "--data", _good_data(tmp_path), "--output-dir", str(out), "--force")
+    rc, err = _run(capsys, "train", "--model", str(bad), "--data", _good_data(tmp_path), "--output-dir", str(out),
+                   "--force")
     _assert_one_line_error(rc, err, out, str(st))
 
 

@@ -5,8 +5,10 @@ from qlora.config import ConfigError, TrainConfig, build_config, field_docs, loa
 
 def test_defaults_are_the_papers():
     c = TrainConfig()
-    assert (c.lr, c.lora_r, c.lora_alpha, c.lora_dropout, c.max_grad_norm, c.weight_decay) == (2e-4, 64, 16.0, 0.05, 0.3, 0.0)
-    assert (c.quant_type, c.double_quant, c.blocksize, c.optimizer, c.lr_scheduler) == ("nf4", True, 64, "paged_adamw", "constant")
+    assert (c.lr, c.lora_r, c.lora_alpha, c.lora_dropout, c.max_grad_norm, c.weight_decay) == (2e-4, 64, 16.0, 0.05,
+                                                                                               0.3, 0.0)
+    assert (c.quant_type, c.double_quant, c.blocksize, c.optimizer, c.lr_scheduler) == ("nf4", True, 64, "paged_adamw",
+                                                                                        "constant")
     assert c.warmup_ratio == 0.03 and c.lora_targets == "all"
     assert c.lora_dtype == "float32"  # qlora's default; the paper's code casts LoRA to bf16 (--lora-dtype bfloat16)
 

@@ -9,7 +9,7 @@ import pytest
 
 from qlora.data import build_examples, prompt_and_reference, read_dataset
 from qlora.demo_task import CITIES, FIRST_NAMES, INSTRUCTION, SURNAMES, exact_match, make_demo_task, write_demo_task
-from qlora.tiny import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_about_half_the_training_values_are_invented(task):
 def test_rows_are_chat_with_a_compact_json_answer_copied_from_the_sentence(task):
     for row in task[0] + task[1]:
         system, user, assistant = row["messages"]
-        assert (system, user["role"], assistant["role"]) == ({"role": "system", "content": INSTRUCTION}, "user", "assistant")
+        assert (system, user["role"], assistant["role"]) == ({"role": "system", "content": INSTRUCTION}, "user",
+                                                             "assistant")
         record = _record(row)
         assert list(record) == ["name", "age", "city", "year"]
         assert assistant["content"] == json.dumps(record, separators=(",", ":"))
@@ -66,7 +67,7 @@ def test_held_out_names_and_cities_never_occur_in_training(task):
         assert not seen & held and held
     train_text = " ".join(r["messages"][1]["content"] for r in train)
     assert not any(re.search(rf"\b{re.escape(c)}\b", train_text) for c in values(test)[2])
-    assert len(set(FIRST_NAMES)) == len(FIRST_NAMES) and len(set(SURNAMES)) == len(SURNAMES) and len(set(CITIES)) == len(CITIES)
+    assert all(len(set(names)) == len(names) for names in (FIRST_NAMES, SURNAMES, CITIES))
 
 
 def test_write_demo_task_round_trips_through_the_data_layer(tmp_path, task):

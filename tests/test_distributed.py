@@ -31,7 +31,8 @@ def _rows(path: Path, n: int = 48) -> str:
 def _settings(tiny_llama, tmp_path, out: str, batch_size=4, **kw) -> dict:
     # compute in fp32, no dropout: the only difference left between 1 and 2 processes is summation order
     return dict(model=tiny_llama, data=_rows(tmp_path / "d.jsonl"), output_dir=str(tmp_path / out), max_steps=6,
-                batch_size=batch_size, grad_accum=2, lora_r=4, lora_dropout=0.0, compute_dtype="float32", optimizer="adamw",
+                batch_size=batch_size, grad_accum=2, lora_r=4, lora_dropout=0.0, compute_dtype="float32",
+                optimizer="adamw",
                 logging_steps=1, save_steps=3, eval_steps=3, val_fraction=0.1, warmup_ratio=0.0, threads=1, **kw)
 
 
@@ -126,12 +127,13 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 from qlora import distributed, hf
+from qlora.nn.surgery import add_lora
 from qlora.train import loss_sum
 
 device = distributed.init(torch.device("cpu"))
 shard = distributed.layer_sharder(device)
 model, _ = hf.load(sys.argv[1], compute_dtype=torch.float32, on_layer=shard)
-hf.add_lora(model, r=4, dropout=0.0)
+add_lora(model, r=4, dropout=0.0)
 distributed.shard_base(model, shard)
 _, layers = hf.decoder_layers(model)
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from qlora import hf
+from qlora.adapters import save_adapter
 from qlora.cli import main
 from qlora.errors import QloraError
 from qlora.generate import GenerationSettings, _Detokenizer, encode_prompt, generate, load_model, pick, sample, stream
 from qlora.nn import Linear4bit
-from qlora.tiny import save_tiny, save_tiny_adapter, tiny_tokenizer
+from tiny import save_tiny, save_tiny_adapter, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_adapter_is_applied_live(tiny, live):
 def test_the_base_is_quantized_as_the_adapter_was_trained(tmp_path):
     model_dir = save_tiny(str(tmp_path / "m"))
     net, _ = hf.load(model_dir, quant_type="fp4", blocksize=128, lora=dict(r=2, alpha=4, dropout=0.0))
-    hf.save_adapter(net, str(tmp_path / "a"), model_dir)
+    save_adapter(net, str(tmp_path / "a"), model_dir)
     model, _ = load_model(model_dir, [str(tmp_path / "a")])
     q = next(m for m in model.modules() if isinstance(m, Linear4bit)).weight
     assert (q.quant_type, q.blocksize, q.double_quant) == ("fp4", 128, True)

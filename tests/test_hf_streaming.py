@@ -11,8 +11,10 @@ import torch
 
 from qlora import hf, safetensors_reader
 from qlora.errors import QloraError
+from qlora.export.bnb import save_quantized
 from qlora.nn import Linear4bit
-from qlora.tiny import ARCHS
+from qlora.nn.surgery import quant_of
+from tiny import ARCHS
 
 # In a fresh process: peak RSS before and after hf.load, and what the loaded model holds. VmHWM, not
 # ru_maxrss: a child's ru_maxrss starts at its parent's RSS (kept across fork + exec), here pytest's.
@@ -31,14 +33,16 @@ before = hwm()
 model, _ = hf.load(sys.argv[1])
 after = hwm()
 held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # 4-bit codes too
-assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit) for p in (m.weight_data, m.weight_absmax))
+assert all(p.dtype == torch.uint8 for m in model.modules() if isinstance(m, Linear4bit)
+           for p in (m.weight_data, m.weight_absmax))
 print(json.dumps({"growth": after - before, "held": held}))
 """
 
 
 def llama_shapes(vocab: int, hidden: int, inter: int, layers: int) -> dict[str, tuple]:
     """LLaMA's checkpoint keys and shapes (untied head, no biases)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"})
@@ -53,7 +57,7 @@ def _write_llama(path, hidden=1024, inter=2816, layers=8, vocab=8000):
     (randn of the whole model would be most of the test's time)."""
     from safetensors.torch import save_file
 
-    from qlora.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     block = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     sd = {k: block.repeat(-(-math.prod(s) // block.numel()))[: math.prod(s)].view(s) if len(s) > 1
@@ -84,7 +88,7 @@ def test_streaming_load_peak_is_4bit_model_plus_one_tensor(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_quantized_reloads_same_codes_without_requantizing(tiny_dirs, tmp_path, monkeypatch, arch):
     model, tok = hf.load(tiny_dirs[arch])
-    out = hf.save_quantized(model, str(tmp_path / "q4"))
+    out = save_quantized(model, str(tmp_path / "q4"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
 
@@ -93,7 +97,7 @@ def test_save_quantized_reloads_same_codes_without_requantizing(tiny_dirs, tmp_p
 
     monkeypatch.setattr(Linear4bit, "from_linear", no_quantize)
     again, _ = hf.load(str(out))
-    assert again.qlora_quant == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+    assert quant_of(again).as_dict() == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
     ours = {n: m.weight for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     theirs = {n: m.weight for n, m in again.named_modules() if isinstance(m, Linear4bit)}
     assert ours.keys() == theirs.keys() and ours
@@ -117,7 +121,7 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 
 def test_prequantized_codes_are_memory_mapped(tiny_llama, tmp_path):
     model, _ = hf.load(tiny_llama)
-    out = hf.save_quantized(model, str(tmp_path / "q4"))
+    out = save_quantized(model, str(tmp_path / "q4"))
     again, _ = hf.load(str(out))
     codes = next(m for m in again.modules() if isinstance(m, Linear4bit)).weight.data
     assert _mapped_file(codes).endswith("model.safetensors")
@@ -137,7 +141,7 @@ def test_16bit_load_maps_kept_tensors_and_copies_nothing_it_quantizes(tmp_path):
 
 
 def _tiny_bf16(tmp_path):
-    from qlora.tiny import save_tiny, tiny_model
+    from tiny import save_tiny, tiny_model
 
     d = tmp_path / "tiny_bf16"
     save_tiny(str(d))
@@ -148,7 +152,7 @@ def _tiny_bf16(tmp_path):
 def test_save_quantized_refuses_unquantized_model(tiny_llama, tmp_path):
     model, _ = hf.load(tiny_llama, quant_type="bf16")
     with pytest.raises(QloraError, match="no 4-bit layers"):
-        hf.save_quantized(model, str(tmp_path / "q4"))
+        save_quantized(model, str(tmp_path / "q4"))
 
 
 def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):
@@ -158,7 +162,8 @@ def test_reader_matches_safetensors_and_refuses_truncated_files(tmp_path):
     save_file(sd, str(tmp_path / "x.safetensors"))
     ref = load_file(str(tmp_path / "x.safetensors"))
     for map_if in (None, lambda name, dtype: name != "b"):
-        got = {k: (v.clone(), mapped) for k, v, mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
+        got = {k: (v.clone(), mapped) for k, v,
+               mapped in safetensors_reader.iter_tensors([tmp_path / "x.safetensors"], map_if)}
         assert got.keys() == ref.keys() and all(torch.equal(got[k][0], ref[k]) for k in ref)
         assert [got[k][1] for k in "abc"] == ([False] * 3 if map_if is None else [True, False, True])
     raw = (tmp_path / "x.safetensors").read_bytes()

@@ -8,17 +8,20 @@ import pytest
 import torch
 
 from qlora import hf
+from qlora.adapters import adapter_state_dict
 from qlora.config import build_config
 from qlora.errors import QloraError
+from qlora.nn.surgery import lora_layers
 from qlora.optim import build_optimizer
-from qlora.tiny import ARCHS
+from tiny import ARCHS
 from qlora.train import fit, loss_sum, lr_at, setup
 
 
 def _write_rows(path: Path, n: int = 40) -> str:
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"instruction": f"Repeat {i * 7 % 100}.", "input": "", "output": f"{i * 7 % 100}"}) + "\n")
+            n = i * 7 % 100
+            f.write(json.dumps({"instruction": f"Repeat {n}.", "input": "", "output": f"{n}"}) + "\n")
     return str(path)
 
 
@@ -88,8 +91,10 @@ def test_accumulation_is_token_weighted(tiny_llama, tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer, lora_dtype, dora", [("adamw", "float32", False), ("paged_adamw_8bit", "float32", False),
-                                                         ("paged_adamw", "bfloat16", False), ("adamw", "float32", True)])
+@pytest.mark.parametrize("optimizer, lora_dtype, dora", [("adamw", "float32", False),
+                                                         ("paged_adamw_8bit", "float32", False),
+                                                         ("paged_adamw", "bfloat16", False),
+                                                         ("adamw", "float32", True)])
 def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype, dora):
     from safetensors.torch import load_file
 
@@ -98,7 +103,10 @@ def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype
     part_cfg = _cfg(tmp_path / "part", tiny_llama, max_steps=3, **kw)
     fit(setup(part_cfg), progress=False)
     resumed = fit(setup(_cfg(tmp_path / "part", tiny_llama, resume="latest", **kw)), progress=False)
-    read = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    def read(d):
+        rows = map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
+
     assert read(full["output_dir"]) == read(resumed["output_dir"])
     a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed["output_dir"]) / "adapter_model.safetensors"))
@@ -107,7 +115,7 @@ def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype
     assert len(magnitudes) == (14 if dora else 0)  # DoRA trains (and resumes) one magnitude per layer
     if dora:
         fresh = hf.load(tiny_llama, compute_dtype="auto", lora=dict(r=4, dora=True))[0]
-        start = hf.adapter_state_dict(fresh)
+        start = adapter_state_dict(fresh)
         assert not torch.equal(a[magnitudes[0]], start[magnitudes[0]])
 
 
@@ -125,20 +133,21 @@ def test_nan_guard_stops_and_keeps_previous_adapter(tiny_llama, tmp_path):
     fit(run, progress=False)
     good = (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes()
     run2 = setup(_cfg(tmp_path, tiny_llama, max_steps=4, save_steps=1, resume="latest"))
-    layer = next(iter(hf.lora_layers(run2.model).values()))
+    layer = next(iter(lora_layers(run2.model).values()))
     # poison the weights at the first forward of the resumed run (after the checkpoint is loaded)
     def poison(mod, args):
         mod.lora_A.weight.data.fill_(float("nan"))
 
     layer.register_forward_pre_hook(poison)
-    with pytest.raises(QloraError, match=r"non-finite loss/gradient at step 3 \(examples \[.*\]\).*last good checkpoint: .*step-000002"):
+    with pytest.raises(QloraError, match=r"non-finite loss/gradient at step 3 \(examples \[.*\]\)"
+                                         r".*last good checkpoint: .*step-000002"):
         fit(run2, progress=False)
     assert (Path(run.cfg.output_dir) / "adapter_model.safetensors").read_bytes() == good
 
 
 def test_nan_policy_skip(tiny_llama, tmp_path):
     run = setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=0, nan_policy="skip"))
-    layer = next(iter(hf.lora_layers(run.model).values()))
+    layer = next(iter(lora_layers(run.model).values()))
     with torch.no_grad():
         layer.lora_B.weight.fill_(float("inf"))
     with pytest.raises(QloraError, match="not finite; the final adapter was not written"):
@@ -183,11 +192,11 @@ def test_bf16_lora_only_adapters_change_dtype_and_are_saved_in_bf16(tiny_llama, 
     fit(runs["bfloat16"], progress=False)
     out = tmp_path / "bfloat16" / "out"
     saved = load_file(str(out / "adapter_model.safetensors"))
-    live = hf.adapter_state_dict(runs["bfloat16"].model)
+    live = adapter_state_dict(runs["bfloat16"].model)
     assert all(t.dtype == torch.bfloat16 and torch.equal(t, live[k]) for k, t in saved.items())
     assert any(bool(t.any()) for k, t in saved.items() if "lora_B" in k)  # it trained
     model, _ = hf.load(tiny_llama, adapters=[str(out)])
-    for name, layer in hf.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert layer.lora_A.weight.dtype == torch.float32
         assert torch.equal(layer.lora_B.weight, saved[f"base_model.model.{name}.lora_B.weight"].float())
 
@@ -210,7 +219,8 @@ def test_cli_end_to_end(tiny_llama, tmp_path):
                         str(out), "--max-steps", "3", "--batch-size", "2", "--lora-r", "4", "--logging-steps", "1",
                         "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"} <= written
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in recs if "loss" in r)
@@ -224,7 +234,8 @@ def test_cli_end_to_end(tiny_llama, tmp_path):
 def test_cli_bad_input_one_line_nonzero_exit_nothing_written(tiny_llama, tmp_path, args, match):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "qlora", "train", "--model", tiny_llama, "--output-dir", str(out),
-                        "--data", _write_rows(tmp_path / "ok.jsonl")] + args, capture_output=True, text=True, timeout=300)
+                        "--data", _write_rows(tmp_path / "ok.jsonl")] + args, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2
     assert match in r.stderr
     assert not out.exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .generate import add_model_args, add_sampling_args, load_from, settings_from
+from .options import add_model_args, add_sampling_args, load_from, settings_from
 
 
 def register(sub) -> None:

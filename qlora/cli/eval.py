@@ -12,26 +12,12 @@ import os
 import sys
 
 from ..errors import QloraError
-from .generate import QUANT_CHOICES, add_dtype_arg, add_model_args, add_sampling_args
+from .options import ADAPTER_HELP, add_model_args, add_sampling_args, load_from, settings_from
+
 
 def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: bool = True) -> None:
-    """The model flags: generate's set (--model --adapter --quant-type --dtype), plus the 4-bit layout."""
-    if adapters and quant:
-        add_model_args(p)
-    else:
-        p.add_argument("--model", help="local HF directory, GGUF file, or hub name (default: the embedded SmolLM2-135M-Instruct)")
-        if adapters:
-            p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
-                           help="PEFT adapter applied live (repeatable)")
-        if quant:
-            p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
-                           help="4-bit type of the base (default: the one each adapter was trained on, else nf4)")
-        add_dtype_arg(p)
-    if quant:
-        p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
-                       help="quantize the block scales too (default: as the adapter was trained, else on)")
-        p.add_argument("--blocksize", type=int, choices=(64, 128, 256, 512, 1024, 2048, 4096), default=None,
-                       help="weights per 4-bit block (default: as the adapter was trained, else 64)")
+    """The model flags (options.add_model_args: --model --adapter, the base's 4-bit format, --dtype), and --device."""
+    add_model_args(p, adapter_help=ADAPTER_HELP if adapters else None, quant=quant)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
@@ -62,33 +48,19 @@ def _help(p: argparse.ArgumentParser) -> int:
 
 
 def load(args, adapters: list[str] | None = None):
-    """(model, tokenizer) from the model flags; quantization read from the (first) adapter unless given."""
-    from .. import hf
-    from ..generate import base_quant
-    from ..precision import resolve, torch_dtype
-
-    adapters = list(args.adapters if adapters is None else adapters)
-    quant = base_quant(adapters)
-    for key in ("quant_type", "double_quant", "blocksize"):
-        if getattr(args, key, None) is not None:
-            quant[key] = getattr(args, key)
+    """(model, tokenizer) from the model flags (options.load_from); quantization read from the (first)
+    adapter unless given."""
     if getattr(args, "batch_size", 1) < 1:
         raise QloraError(f"--batch-size must be >= 1, got {args.batch_size}")
-    args.dtype = resolve(args.dtype, args.device)  # 'auto' made concrete: the JSON records what ran
-    model, tokenizer = hf.load(args.model, compute_dtype=torch_dtype(args.dtype), adapters=adapters,
-                               device=args.device, **quant)
-    model.qlora_adapters = adapters
-    shown = "bf16" if quant["quant_type"] == "bf16" else (
-        f"{quant['quant_type']}{'+dq' if quant['double_quant'] else ''}@{quant['blocksize']}")
-    extra = f" + {len(adapters)} adapter(s)" if adapters else ""
-    print(f"loaded {model.qlora_source} ({shown}{extra}, {args.dtype})", file=sys.stderr, flush=True)
-    return model, tokenizer
+    return load_from(args, adapters)
 
 
-def settings(model, args) -> dict:
-    """What produced a result, for the JSON file."""
-    return dict(model=model.qlora_source, adapters=list(getattr(model, "qlora_adapters", [])),
-                quant=dict(model.qlora_quant), dtype=args.dtype)
+def settings(model, args, adapters: list[str] | None = None) -> dict:
+    """What produced a result, for the JSON file: the 4-bit format is read from the model's layers."""
+    from ..nn.surgery import quant_of
+
+    adapters = list(args.adapters if adapters is None else adapters)
+    return dict(model=model.qlora_source, adapters=adapters, quant=quant_of(model).as_dict(), dtype=args.dtype)
 
 
 def finish(args, payload: dict, table: str) -> int:
@@ -223,13 +195,15 @@ def _run_datatypes(args) -> int:
     from ..evaluate.choice import data_dir, load_task
     from ..evaluate.perplexity import read_text, tokenize
     from ..precision import resolve, torch_dtype
+    from ..quant.spec import UNQUANTIZED, QuantSpec
 
     dtypes = [D.parse_datatype(s) for s in _csv(args.datatypes)]
     tasks = dict(load_task(t, args.limit) for t in _csv(args.tasks))
     text = read_text(args.data or str(data_dir() / "ppl" / "wikitext2_raw_test.txt"))
     # quantized from weights in the compute dtype, as `hf.load` does: each row equals `qlora eval perplexity`
     args.dtype = resolve(args.dtype, args.device)
-    base, tokenizer = hf.load(args.model, quant_type="bf16", compute_dtype=torch_dtype(args.dtype), device=args.device)
+    base, tokenizer = hf.load(args.model, QuantSpec(UNQUANTIZED), compute_dtype=torch_dtype(args.dtype),
+                              device=args.device)
     ids = tokenize(tokenizer, text, args.max_tokens or None)
     rows = D.study(base, tokenizer, dtypes, ids, tasks, args.window, args.adapters, torch_dtype(args.dtype),
                    args.batch_size, args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -267,7 +241,6 @@ def _run_generate(args) -> int:
     from ..evaluate.choice import data_dir
     from ..evaluate.generation import answer_all, load_prompts
     from ..evaluate.report import markdown_table
-    from .generate import settings_from
 
     if not args.output:
         raise QloraError("give --output FILE.jsonl for the answers")
@@ -406,10 +379,11 @@ def _run_compare(args) -> int:
     rows = rows[: args.limit] if args.limit else rows
     scores, sides = [], []
     for side in (args.a, args.b):
-        model, tokenizer = load(args, [] if side == "base" else [side])
+        adapters = [] if side == "base" else [side]
+        model, tokenizer = load(args, adapters)
         scores.append(score(model, tokenizer, rows, fmt, args.metric, args.max_seq_len, args.max_new_tokens,
                             args.batch_size, args.data, args.progress))
-        sides.append(dict(settings(model, args), name=side, scores=scores[-1]))
+        sides.append(dict(settings(model, args, adapters), name=side, scores=scores[-1]))
         del model
     r = summarize(args.metric, scores[0], scores[1], args.rounds, args.seed)
     lo, hi = r["ci95"]

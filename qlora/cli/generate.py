@@ -1,68 +1,13 @@
 """`qlora generate`: answer one prompt, or every prompt of a JSONL file, with a 4-bit base and
-live adapters. Also home of the model and sampling flags that chat and serve share."""
+live adapters."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import typing
 
-from ..config import QuantType
 from ..errors import QloraError
-from ..generate import GenerationSettings
-from ..precision import CHOICES as DTYPE_CHOICES, spelled
-
-QUANT_CHOICES = typing.get_args(QuantType)
-DTYPE_HELP = ("compute dtype of the matmuls; auto = bfloat16 where the hardware multiplies bf16 natively, "
-              "else float32 (default: auto)")
-
-
-def add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    """--dtype (alias --compute-dtype), as `qlora train --compute-dtype`: auto, or a dtype name (bf16 etc. too)."""
-    p.add_argument("--dtype", "--compute-dtype", dest="dtype", choices=DTYPE_CHOICES, default="auto",
-                   type=spelled, help=DTYPE_HELP)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local HF directory, GGUF file, or hub name (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
-                   help="PEFT-format LoRA adapter directory, applied live on the 4-bit base (repeat to stack)")
-    p.add_argument("--quant-type", choices=QUANT_CHOICES, default=None,
-                   help="4-bit type of the base (default: the one the adapter was trained on, else nf4; bf16 = unquantized)")
-    add_dtype_arg(p)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    d = GenerationSettings()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"most tokens to generate (default: {d.max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help=f"sampling temperature, 0 = greedy (default: {d.temperature})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass, 1 = off (default: {d.top_p})")
-    p.add_argument("--top-k", type=int, default=d.top_k,
-                   help=f"sample among the k most likely tokens, 0 = off (default: {d.top_k})")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop string, not included in the answer (repeatable)")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampler seed: same seed, same text (default: random)")
-
-
-def settings_from(args) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
-
-
-def load_from(args):
-    """(model, tokenizer) for the model flags, with a line on stderr saying what was loaded."""
-    from ..generate import load_model
-    from ..precision import resolve, torch_dtype
-
-    args.dtype = resolve(args.dtype, "cpu")
-    model, tokenizer = load_model(args.model, args.adapters, args.quant_type, torch_dtype(args.dtype))
-    quant = model.qlora_quant["quant_type"]
-    adapters = f" + {len(args.adapters)} adapter(s)" if args.adapters else ""
-    print(f"loaded {model.qlora_source} ({quant}{adapters}, {args.dtype})", file=sys.stderr, flush=True)
-    return model, tokenizer
+from .options import add_model_args, add_sampling_args, load_from, settings_from
 
 
 def register(sub) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .generate import add_model_args, load_from
+from .options import add_model_args, load_from
 
 
 def register(sub) -> None:

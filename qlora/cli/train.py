@@ -9,6 +9,9 @@ import typing
 from ..config import TrainConfig, build_config, field_docs, load_yaml
 from ..precision import spelled
 
+# Other spellings a flag accepts: merge and export write to --output-dir too, and take --output as well.
+ALIASES = {"output_dir": ("--output",)}
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -22,16 +25,16 @@ def register(sub) -> None:
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
     for f in TrainConfig.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
         tp, default = hints[f.name], f.default
         helptext = f"{docs.get(f.name, '')} (default: {default})"
         if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="latest", metavar="DIR", help=helptext)
+            p.add_argument(*flags, nargs="?", const="latest", metavar="DIR", help=helptext)
         elif tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, help=helptext)
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-            p.add_argument(flag, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
+            p.add_argument(*flags, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
                            type=spelled if choices else None)  # --compute-dtype bf16
     p.set_defaults(func=run)
 

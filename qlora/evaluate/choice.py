@@ -103,7 +103,8 @@ def load_task(task: str, limit: int | None = None) -> tuple[str, list[Question]]
         rel, build, keys = TASKS[task]
         path, name = data_dir() / rel, task
         if not path.is_file():
-            raise QloraError(f"{path}: task data not found; set QLORA_DATA to the shared data directory or pass a JSONL path")
+            raise QloraError(f"{path}: task data not found; set QLORA_DATA to the shared data directory "
+                             "or pass a JSONL path")
     else:
         path, name, build, keys = Path(task), Path(task).stem, _query_choices_gold, ("query", "choices", "gold")
         if not path.is_file():

@@ -102,5 +102,6 @@ def summarize(metric: str, scores_a: list[float], scores_b: list[float], rounds:
         result.update(ppl_a=math.exp(result["mean_a"]), ppl_b=math.exp(result["mean_b"]))
     low, high = result["ci95"]
     above, below = ("A better", "B better") if HIGHER_IS_BETTER[metric] else ("B better", "A better")
-    result["verdict"] = above if low > 0 else below if high < 0 else "no significant difference (the 95% interval contains 0)"
+    same = "no significant difference (the 95% interval contains 0)"
+    result["verdict"] = above if low > 0 else below if high < 0 else same
     return result

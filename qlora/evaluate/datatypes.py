@@ -21,6 +21,7 @@ import torch
 
 from ..errors import QloraError
 from ..quant import QUANT_TYPES
+from ..quant.spec import DEFAULT, UNQUANTIZED, QuantSpec
 
 _SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?(?:/(?P<init>loftq|pissa)(?P<r>\d+))?$")
 _STUDY_ALPHA = 16.0  # LoRA alpha of the step-0 LoftQ / PiSSA rows (Q + s·BA does not depend on it)
@@ -28,28 +29,30 @@ _STUDY_ALPHA = 16.0  # LoRA alpha of the step-0 LoftQ / PiSSA rows (Q + s·BA do
 
 @dataclass(frozen=True)
 class DataType:
-    quant_type: str  # "bf16" or one of quant.QUANT_TYPES
-    double_quant: bool = False
-    blocksize: int = 64
-    lora_init: str = "gaussian"  # or "loftq" / "pissa": Q + s·BA at step 0, LoRA rank `rank`
+    """One row of the study: a 4-bit format (or bf16), optionally with a LoRA initialisation whose
+    step-0 model Q + s·BA is measured (LoRA rank `rank`)."""
+    quant: QuantSpec
+    lora_init: str = "gaussian"  # or "loftq" / "pissa"
     rank: int = 0
 
     @property
     def name(self) -> str:
-        if self.quant_type == "bf16":
-            return "bf16"
+        """'nf4+dq@64', 'bf16', 'nf4+dq@64/loftq16'."""
         init = "" if self.lora_init == "gaussian" else f"/{self.lora_init}{self.rank}"
-        return f"{self.quant_type}{'+dq' if self.double_quant else ''}@{self.blocksize}{init}"
+        return self.quant.name + init
 
 
 def parse_datatype(spec: str) -> DataType:
-    """"bf16", "nf4", "nf4+dq", "fp4+dq@128", "nf4+dq/loftq16" ... -> DataType."""
+    """"bf16", "nf4", "nf4+dq", "fp4+dq@128", "nf4+dq/loftq16" ... -> DataType (its .name is the
+    spelling back; no "+dq" means without Double Quantization here, no "@" the default blocksize)."""
     m = _SPEC.match(spec.strip().lower())
-    if not m or (m["type"] != "bf16" and m["type"] not in QUANT_TYPES) or (
-            m["type"] == "bf16" and (m["dq"] or m["bs"] or m["init"])) or (m["init"] and int(m["r"]) < 1):
+    unquantized = m is not None and m["type"] == UNQUANTIZED
+    if not m or (not unquantized and m["type"] not in QUANT_TYPES) \
+            or (unquantized and (m["dq"] or m["bs"] or m["init"])) or (m["init"] and int(m["r"]) < 1):
         raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE][/loftqR|/pissaR] with TYPE one of bf16, "
                          f"{', '.join(QUANT_TYPES)}")
-    return DataType(m["type"], bool(m["dq"]), int(m["bs"] or 64), m["init"] or "gaussian", int(m["r"] or 0))
+    quant = QuantSpec(m["type"], int(m["bs"] or DEFAULT.blocksize), bool(m["dq"]))
+    return DataType(quant, m["init"] or "gaussian", int(m["r"] or 0))
 
 
 DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256",
@@ -58,8 +61,8 @@ DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq
 
 def linear_bits(net) -> tuple[float, int]:
     """(parameter-weighted bits per parameter of the linear weights, their parameter count)."""
-    from ..hf import linear_names
     from ..nn import Linear4bit
+    from ..nn.surgery import linear_names
 
     bits, count = 0, 0
     for module in net.modules():
@@ -87,17 +90,16 @@ def model_megabytes(net) -> float:
 
 
 def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
-    from ..hf import add_lora, quantize_model
     from ..nn import lora_init
+    from ..nn.surgery import add_lora, quantize_model
 
     net = copy.deepcopy(base)
     init = lora_init.spec(dtype.lora_init, dtype.rank, _STUDY_ALPHA)
-    if dtype.quant_type != "bf16":
-        quantize_model(net, dtype.quant_type, dtype.blocksize, dtype.double_quant, compute_dtype, lora_init=init)
+    if dtype.quant.quantized:
+        quantize_model(net, dtype.quant, compute_dtype, lora_init=init)
     if init:  # takes the factors the quantization left on each layer: the model is Q + s·BA
         add_lora(net, r=dtype.rank, alpha=_STUDY_ALPHA, dropout=0.0)
-    net.qlora_quant = dict(quant_type=dtype.quant_type, blocksize=dtype.blocksize, double_quant=dtype.double_quant)
-    if dtype.quant_type == "bf16":  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+    if not dtype.quant.quantized:  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
         net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
@@ -106,7 +108,7 @@ def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dic
           adapters=(), compute_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8, progress: bool = True,
           log=print) -> list[dict]:
     """One result row per data type (see module doc). `tasks`: name -> questions (choice.load_task)."""
-    from ..hf import load_adapter
+    from ..adapters import load_adapter
     from .choice import evaluate_choice
     from .perplexity import perplexity
 
@@ -119,7 +121,8 @@ def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dic
         lora = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
         ppl = perplexity(net, ids, window, progress=progress)
         acc = {name: evaluate_choice(net, tokenizer, qs, name, batch_size, progress).acc for name, qs in tasks.items()}
-        row = dict(datatype=dt.name, quant_type=dt.quant_type, double_quant=dt.double_quant, blocksize=dt.blocksize,
+        q = dt.quant
+        row = dict(datatype=dt.name, quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize,
                    bits_per_param=bits, linear_params=params, lora_params=lora, model_mb=model_megabytes(net),
                    perplexity=ppl.perplexity,
                    ppl_tokens=ppl.tokens, zero_shot_mean=sum(acc.values()) / len(acc) if acc else None, zero_shot=acc)

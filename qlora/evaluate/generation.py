@@ -27,7 +27,8 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
         if turns is None:
             text = next((row[k] for k in ("prompt", "question", "instruction") if isinstance(row.get(k), str)), None)
             if text is None:
-                raise QloraError(f"{where(rows, i, path)}: no prompt (expected 'turns', 'prompt', 'question' or 'instruction')")
+                raise QloraError(f"{where(rows, i, path)}: no prompt "
+                                 "(expected 'turns', 'prompt', 'question' or 'instruction')")
             turns = [text + ("\n\n" + row["input"] if isinstance(row.get("input"), str) and row["input"] else "")]
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
             raise QloraError(f"{where(rows, i, path)}: 'turns' must be a non-empty list of strings")

@@ -62,7 +62,8 @@ class ChatJudge:
                  retries: int = 2, max_tokens: int = 512):
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.api_key, self.timeout, self.retries, self.max_tokens = model, api_key, timeout, retries, max_tokens
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.retries, self.max_tokens = retries, max_tokens
 
     def __call__(self, question: str, answer_a: str, answer_b: str) -> Verdict:
         body = dict(model=self.model, messages=messages(question, answer_a, answer_b), temperature=0.0,
@@ -90,9 +91,11 @@ class ChatJudge:
                     time.sleep(2.0 * (attempt + 1))
                     continue
                 reason = getattr(e, "reason", e)
-                raise QloraError(f"{self.url}: cannot reach the judge endpoint ({reason}); is the server running?") from None
+                raise QloraError(f"{self.url}: cannot reach the judge endpoint ({reason}); "
+                                 "is the server running?") from None
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise QloraError(f"{self.url}: the judge endpoint did not answer JSON; is it OpenAI-compatible?") from None
+                raise QloraError(f"{self.url}: the judge endpoint did not answer JSON; "
+                                 "is it OpenAI-compatible?") from None
         raise AssertionError("unreachable")
 
 

@@ -61,7 +61,8 @@ def load_answers(path: str) -> tuple[str, dict[str, dict]]:
         qid = row.get("question_id", i)
         answer = answer_text(row)
         if answer is None:
-            raise QloraError(f"{where(rows, i, path)}: no answer (expected key 'answer', 'output' or FastChat 'choices')")
+            raise QloraError(f"{where(rows, i, path)}: no answer "
+                             "(expected key 'answer', 'output' or FastChat 'choices')")
         out[str(qid)] = dict(question=question_text(row), answer=answer)
     name = rows[0].get("name") if isinstance(rows[0].get("name"), str) else Path(path).stem
     return name, out
@@ -134,7 +135,8 @@ def consistency(judgments: list[Judgment]) -> dict:
     decided = [j for j in judgments if j.winner not in (None, "tie")]
     first = sum(j.winner == j.first for j in decided)
     return dict(pairs_both_orders=len(both), agree=agree, agreement=agree / len(both) if both else None,
-                first_wins=first / len(decided) if decided else None, no_verdict=sum(j.winner is None for j in judgments))
+                first_wins=first / len(decided) if decided else None,
+                no_verdict=sum(j.winner is None for j in judgments))
 
 
 def _natural(qid: str):

@@ -14,11 +14,12 @@ from torch import nn
 from .. import quant
 from ..errors import QloraError
 from ..nn import Linear4bit, LoRALinear
+from ..nn.surgery import quant_formats
+from ..precision import name_of
 from .files import MAX_SHARD_BYTES, ShardWriter, staged_dir
 from .merged import check_layout, checkpoint_entries, dense_tensors, save_config, skeleton
 
 BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes has no fp4_e3m0 or int4
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
@@ -26,20 +27,10 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torc
     return {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype], "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": name_of(compute_dtype), "bnb_4bit_quant_storage": "uint8",
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
         "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
     }
-
-
-def model_quant(net: nn.Module) -> dict:
-    """The one (quant_type, blocksize, double_quant) of the model's 4-bit layers."""
-    found = {(m.weight.quant_type, m.weight.blocksize, m.weight.double_quant)
-             for m in net.modules() if isinstance(m, Linear4bit)}
-    if len(found) != 1:
-        raise RuntimeError(f"expected one 4-bit format across the model, found {sorted(found) or 'none'}")
-    quant_type, blocksize, double_quant = found.pop()
-    return dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
 
 
 def check_bnb_type(quant_type: str) -> None:
@@ -54,11 +45,14 @@ def write_4bit(net: nn.Module, tokenizer, out: str, compute_dtype: torch.dtype, 
     `compute_dtype` is the config's compute dtype and the dtype of every tensor that is not 4-bit."""
     if any(isinstance(m, LoRALinear) for m in net.modules()):
         raise RuntimeError("write_4bit needs the adapters merged and re-quantized first (requant.requantize)")
-    q = model_quant(net)
-    check_bnb_type(q["quant_type"])
+    found = quant_formats(net)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one 4-bit format across the model, found {sorted(found) or 'none'}")
+    q = found.pop()
+    check_bnb_type(q.quant_type)
     skel = skeleton(net.config)
     with staged_dir(out, overwrite) as tmp:
-        save_config(net, tokenizer, tmp, compute_dtype, quantization_config(q["quant_type"], q["double_quant"], compute_dtype))
+        save_config(net, tokenizer, tmp, compute_dtype, quantization_config(q.quant_type, q.double_quant, compute_dtype))
         writer = ShardWriter(tmp, max_shard_bytes)
         for key, module_name, attr in checkpoint_entries(skel):
             module = net.get_submodule(module_name)
@@ -74,3 +68,19 @@ def write_4bit(net: nn.Module, tokenizer, out: str, compute_dtype: torch.dtype, 
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out)
+
+
+def save_quantized(net: nn.Module, out_dir: str, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a loaded 4-bit model (no adapters) as a transformers directory in bitsandbytes' layout:
+    config.json with `quantization_config`, the 4-bit codes and scales as they are (nothing is
+    re-quantized), 16-bit embeddings/norms/head, tokenizer files. `hf.load(out_dir)` maps it back;
+    transformers + bitsandbytes load it as a pre-quantized model. Tokenizer: the source model's."""
+    from ..hf import DEFAULT_MODEL, load_tokenizer, resolve
+
+    if tokenizer is None:
+        source = getattr(net, "qlora_source", None)
+        tokenizer = load_tokenizer(*resolve(None if source == DEFAULT_MODEL else source))
+    compute = next((m.compute_dtype for m in net.modules() if isinstance(m, Linear4bit)), None)
+    if compute is None:
+        raise QloraError("save_quantized: the model has no 4-bit layers (loaded with quant_type='bf16'?)")
+    return write_4bit(net, tokenizer, out_dir, compute, overwrite=overwrite)

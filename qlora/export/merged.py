@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn import Linear4bit, LoRALinear
+from ..nn.surgery import is_conv1d
 from .files import MAX_SHARD_BYTES, ShardWriter, staged_dir
 
 
@@ -41,10 +42,6 @@ def checkpoint_entries(skel: nn.Module) -> list[tuple[str, str, str]]:
         module, _, attr = key.rpartition(".")
         entries.append((key, module, attr))
     return entries
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 linear: weight stored (in, out)
 
 
 def check_layout(layer: Linear4bit, name: str) -> None:

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..nn import Linear4bit, LoRALinear
-from .merged import check_layout, is_conv1d
+from ..nn.surgery import is_conv1d, linear_names, lora_layers
+from ..quant.spec import QuantSpec
+from .merged import check_layout
 
 # A neutral expository paragraph for the default measurement (written for qlora; --eval-text replaces it).
 EVAL_TEXT = (
@@ -32,16 +34,13 @@ EVAL_TEXT = (
 MAX_EVAL_TOKENS = 512
 
 
-def _targets(net: nn.Module, quant: dict) -> list[str]:
+def _targets(net: nn.Module, quant: QuantSpec) -> list[str]:
     """Outermost layers whose 4-bit form must be (re)computed: LoRA-wrapped ones, plain linear
     layers (head excluded), and 4-bit layers stored with other settings than requested."""
-    from ..hf import linear_names, lora_layers
-
     names = set(lora_layers(net)) | set(linear_names(net))
-    wanted = (quant["quant_type"], quant["blocksize"], quant["double_quant"])
     for name, m in net.named_modules():
         q = m.weight if isinstance(m, Linear4bit) else None
-        if q is not None and not _inside(name, names) and (q.quant_type, q.blocksize, q.double_quant) != wanted:
+        if q is not None and not _inside(name, names) and QuantSpec(q.quant_type, q.blocksize, q.double_quant) != quant:
             names.add(name)
     return sorted(n for n in names if not _inside(n, names))
 
@@ -50,7 +49,7 @@ def _inside(name: str, names: set[str]) -> bool:
     return any(name.startswith(other + ".") for other in names)
 
 
-def requantize(net: nn.Module, quant: dict, compute_dtype: torch.dtype) -> int:
+def requantize(net: nn.Module, quant: QuantSpec, compute_dtype: torch.dtype) -> int:
     """Replace every target layer by Linear4bit(quantize(merged fp32 weight)), in place. -> layers done."""
     names = _targets(net, quant)
     for name in names:
@@ -66,7 +65,7 @@ def requantize(net: nn.Module, quant: dict, compute_dtype: torch.dtype) -> int:
             dense = SimpleNamespace(weight=module.dequantized_weight(torch.float32), bias=module.bias)
         else:
             dense = module
-        new = Linear4bit.from_linear(dense, quant["quant_type"], quant["blocksize"], quant["double_quant"],
+        new = Linear4bit.from_linear(dense, quant.quant_type, quant.blocksize, quant.double_quant,
                                      compute_dtype, transpose=is_conv1d(dense))  # a plain GPT-2 Conv1D is (in, out)
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, new)
@@ -107,7 +106,7 @@ def adapters_off(net: nn.Module):
             m.scaling = s
 
 
-def requantize_with_report(net: nn.Module, tokenizer, quant: dict, compute_dtype: torch.dtype,
+def requantize_with_report(net: nn.Module, tokenizer, quant: QuantSpec, compute_dtype: torch.dtype,
                            text: str = EVAL_TEXT) -> dict:
     """requantize() with the logit and perplexity deltas it causes on `text`, next to the size of
     the adapters' own effect (merged vs the 4-bit base alone): a delta as large as the effect
@@ -121,7 +120,7 @@ def requantize_with_report(net: nn.Module, tokenizer, quant: dict, compute_dtype
     delta = (after - before).abs()
     ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
     return {
-        "quantization": dict(quant), "layers_requantized": layers, "eval_tokens": len(ids),
+        "quantization": quant.as_dict(), "layers_requantized": layers, "eval_tokens": len(ids),
         "max_abs_logit_delta": round(float(delta.max()), 6), "mean_abs_logit_delta": round(float(delta.mean()), 6),
         "adapter_mean_abs_logit_effect": round(float((before - base).abs().mean()), 6),
         "top1_agreement": round(float((after.argmax(-1) == before.argmax(-1)).float().mean()), 6),

@@ -2,7 +2,7 @@
 
 Every count follows what the code stores: 4-bit weights as qlora.quant lays them out, optimizer
 pages as qlora.optim lays them out, and activations as what autograd saves in a transformers
-decoder wrapped by qlora.nn (checked tensor by tensor in tests/test_memory.py). The parts add up
+decoder wrapped by qlora.nn (checked tensor by tensor in tests/memory/test_estimate.py). The parts add up
 to the peak, which comes at the start of backward: every saved activation and the loss's vocab-wide
 tensors are alive together, gradients arrive as they go. Taking all of them at once over-counts by
 at most the LoRA gradients.
@@ -22,6 +22,7 @@ from ..precision import canonical, resolve
 from ..nn.fused import FUSED_MODEL_TYPES
 from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
+from ..quant.spec import DEFAULT as QUANT_DEFAULT
 from ..quant.state import NESTED_BLOCKSIZE
 from .arch import Arch, LinearSpec, arch_from_config
 
@@ -56,9 +57,9 @@ SHARD_GATHERED_LAYERS = 2
 
 @dataclass(frozen=True)
 class Settings:
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    quant_type: str = QUANT_DEFAULT.quant_type
+    double_quant: bool = QUANT_DEFAULT.double_quant
+    blocksize: int = QUANT_DEFAULT.blocksize
     quantize_head: bool = False
     lora_r: int = 64
     lora_targets: str = "all"
@@ -165,7 +166,7 @@ def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int
 
 
 def _lora_specs(arch: Arch, s: Settings) -> list[LinearSpec]:
-    from ..hf import ATTENTION_NAMES  # the trainer's own rule for lora_targets="attention"
+    from ..nn.surgery import ATTENTION_NAMES  # the trainer's own rule for lora_targets="attention"
 
     specs = arch.linears()
     if s.lora_targets == "attention":
@@ -198,7 +199,8 @@ def _rank_share(arch: Arch, s: Settings, codes: int, scales: int) -> tuple[int, 
     layer = [quantized_bytes(x.in_features * x.out_features, s.blocksize, s.double_quant) for x in arch.linears()]
 
     def share(total: int, per_layer: int) -> int:
-        return total - per_layer * arch.layers + -(-per_layer * arch.layers // s.shards) + SHARD_GATHERED_LAYERS * per_layer
+        sharded = -(-per_layer * arch.layers // s.shards)
+        return total - per_layer * arch.layers + sharded + SHARD_GATHERED_LAYERS * per_layer
 
     return share(codes, sum(c for c, _ in layer)), share(scales, sum(b for _, b in layer))
 
@@ -216,8 +218,8 @@ def _attention_bytes(arch: Arch, s: Settings) -> int:
     """Per token per layer. SDPA (flash / memory-efficient kernels) saves q, k, v, the output and
     an fp32 logsumexp per head; with grouped-query attention k and v are repeated to all heads (a
     free view for a single kv head) and the padding mask row is saved whenever a batch has padding
-    (counted always). Eager saves q, k, v and the fp32 softmax plus its
-    compute-dtype copy (T scores per head; one tensor when the compute dtype is fp32). GPT-2 keeps its softmax in the compute dtype and drops
+    (counted always). Eager saves q, k, v and the fp32 softmax plus its compute-dtype copy (T scores
+    per head; one tensor when the compute dtype is fp32). GPT-2 keeps its softmax in the compute dtype and drops
     out attention probabilities in training (noise and result saved); on CPU, SDPA with dropout
     falls back to the math path, which saves all of that in fp32."""
     c, q, T = s.c, arch.heads * arch.head_dim, s.seq_len

@@ -48,7 +48,7 @@ def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     scale = 1.0 / (1.0 - p)
     k = _kernel(x)
     if k is not None:
-        return k.dropout(x.contiguous(), threshold(p), scale, seed)
+        return k.train.dropout(x.contiguous(), threshold(p), scale, seed)
     keep = keep_mask(x.numel(), seed, p, x.device).view(x.shape)
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 

@@ -40,7 +40,7 @@ class _RMSNorm(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         k = _kernels(x2, weight)
         if k is not None:
-            y, rstd = k.rms_norm_forward(x2, weight.contiguous(), eps)
+            y, rstd = k.train.rms_norm_forward(x2, weight.contiguous(), eps)
         else:
             rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
             y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
@@ -53,7 +53,7 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(x2.shape).contiguous()
         k = _kernels(dy2, x2, weight)
         if k is not None:
-            dx = k.rms_norm_backward(dy2, x2, weight.contiguous(), rstd)
+            dx = k.train.rms_norm_backward(dy2, x2, weight.contiguous(), rstd)
         else:  # dx = r (g - n mean(g n)), g = dy w (in the activation dtype, as autograd's), n = x r
             g = (dy2 * weight).float()
             n = x2.float() * rstd[:, None]
@@ -70,7 +70,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u for contiguous g, u (no autograd)."""
     k = _kernels(g, u)
-    return k.swiglu_forward(g, u) if k is not None else F.silu(g) * u
+    return k.train.swiglu_forward(g, u) if k is not None else F.silu(g) * u
 
 
 def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple
     dh = dh.contiguous()
     k = _kernels(dh, g, u)
     if k is not None:
-        return k.swiglu_backward(dh, g, u)
+        return k.train.swiglu_backward(dh, g, u)
     sig = torch.sigmoid(g.float())
     ds = (dh * u).float()
     return (ds * sig * (1 + g.float() * (1 - sig))).to(g.dtype), dh * F.silu(g)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import quant
 from ..quant import QuantizedTensor, kernels
+from ..quant.spec import DEFAULT
 
 # One scratch buffer per (dtype, device), sized to the largest weight seen: every layer dequantizes
 # into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
@@ -84,8 +85,8 @@ class Linear4bit(nn.Module):
         self._qmeta = (q.shape, q.dtype, q.quant_type, q.blocksize)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, quant_type="nf4", blocksize=64, double_quant=True,
-                    compute_dtype=torch.bfloat16, transpose=False) -> "Linear4bit":
+    def from_linear(cls, linear: nn.Module, quant_type=DEFAULT.quant_type, blocksize=DEFAULT.blocksize,
+                    double_quant=DEFAULT.double_quant, compute_dtype=torch.bfloat16, transpose=False) -> "Linear4bit":
         """Quantize an nn.Linear (or a GPT-2 Conv1D with transpose=True: its weight is (in, out))."""
         w = linear.weight.detach()
         w = w.t().contiguous() if transpose else w

@@ -12,8 +12,9 @@ instead of Q = quantize(W) and B = 0:
 
 Deterministic (full SVD in fp32 on the CPU, no random draws): the same weights and settings give
 the same bits, which is how qlora re-derives the base from the original checkpoint when an adapter
-trained this way is loaded (hf.load(lora_init=...)). `quantize(w) -> QuantizedTensor` and
-`dequantize(q) -> fp32` are passed in, so this file knows nothing of the 4-bit format.
+trained this way is loaded (hf.load(lora_init=...); adapters.py records the init in the adapter).
+`quantize(w) -> QuantizedTensor` and `dequantize(q) -> fp32` are passed in, so the math knows
+nothing of the 4-bit format.
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ def initialise(w: torch.Tensor, init: dict, quantize, dequantize):
     raise ValueError(f"unknown LoRA init {init['method']!r}; choose one of {', '.join(METHODS)}")
 
 
-# ---- glue for the loader (qlora.hf) and the LoRA wrapper: one layer at a time ----
+# ---- glue for the loader (nn.surgery.quantize_layer) and the LoRA wrapper: one layer at a time ----
 
 _STASH = "lora_init_ab"  # attribute on a fresh Linear4bit: its (A, B), until a LoRALinear takes them
+_INIT = "lora_init"  # attribute on such a Linear4bit for good: the init that derived its codes
 
 
-def quantized_layer(weight: torch.Tensor, bias, kw: dict, init: dict):
-    """A Linear4bit of `weight` (out, in) quantized as `kw` says (quant_type, blocksize,
-    double_quant, compute_dtype) after LoftQ / PiSSA, with the LoRA factors stashed on it.
+def quantized_layer(weight: torch.Tensor, bias, spec, compute_dtype: torch.dtype, init: dict):
+    """A Linear4bit of `weight` (out, in) in the 4-bit format `spec` (quant.spec.QuantSpec) after
+    LoftQ / PiSSA, with the LoRA factors stashed on it and the init recorded on it (see `of`).
     Works on fp32 copies of one layer's weight: the loader calls it as each weight streams in."""
     from .. import quant
     from .linear4bit import Linear4bit
@@ -93,11 +95,22 @@ def quantized_layer(weight: torch.Tensor, bias, kw: dict, init: dict):
     r = init["r"]
     if r > min(weight.shape):
         raise ValueError(f"LoRA rank {r} exceeds the weight's smaller side {min(weight.shape)}")
-    fmt = (kw["quant_type"], kw["blocksize"], kw["double_quant"])
+    fmt = (spec.quant_type, spec.blocksize, spec.double_quant)
     q, a, b = initialise(weight, init, lambda t: quant.quantize(t, *fmt), lambda q: quant.dequantize(q, torch.float32))
-    layer = Linear4bit(q, bias, kw.get("compute_dtype", torch.bfloat16))
+    layer = Linear4bit(q, bias, compute_dtype)
     setattr(layer, _STASH, (a, b, init["scaling"]))
+    setattr(layer, _INIT, dict(init))
     return layer
+
+
+def of(net) -> dict | None:
+    """The LoftQ / PiSSA init the model's 4-bit layers were quantized with (None: plain quantization),
+    read from the layers themselves: what an adapter trained on them records."""
+    for m in net.modules():
+        init = m.__dict__.get(_INIT)
+        if init is not None:
+            return dict(init)
+    return None
 
 
 def take_stashed(layer) -> None:

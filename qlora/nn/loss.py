@@ -18,13 +18,14 @@ import torch
 
 from ..quant import kernels
 
-CHUNK_TOKENS = 256  # (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
+# (256 × vocab) logits per chunk: 25 MB in bf16 for a 49k vocabulary (+ 50 in fp32 off the compiled path)
+CHUNK_TOKENS = 256
 
 
 def _chunk_compiled(k, h, y, weight, out, zb):
     """_chunk through one compiled pass per row (max, exp and sum, softmax - onehot in place)."""
     torch.mm(h, weight.t(), out=zb)
-    loss = k.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
+    loss = k.train.cross_entropy_rows(zb, y.contiguous(), out is not None).sum()
     if out is not None:
         torch.mm(zb, weight, out=out)
     return loss

@@ -44,9 +44,9 @@ class AdamW:
         self._pages = pages
         self._steps = [0] * len(self._params)  # per parameter, as torch: skipped when grad is None
         self._step = 0
-        self._codebooks = Codebooks(self._params[0][1].device) if any(l.eight_bit for l in layouts) else None
+        self._codebooks = Codebooks(self._params[0][1].device) if any(lay.eight_bit for lay in layouts) else None
         # resident pages never move: make their typed views once (a few us per tensor per step)
-        self._views = [l.views(pages.acquire(i)) for i, l in enumerate(layouts)] if pages.persistent else None
+        self._views = [lay.views(pages.acquire(i)) for i, lay in enumerate(layouts)] if pages.persistent else None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -96,7 +96,7 @@ class AdamW:
 
     def state_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(key, dtype, shape) of every state tensor, in iter_state()'s order."""
-        return [(f"{l.name}.{f.key}", f.dtype, f.shape) for l in self._layouts for f in l.fields]
+        return [(f"{lay.name}.{f.key}", f.dtype, f.shape) for lay in self._layouts for f in lay.fields]
 
     def iter_state(self):
         """(key, CPU tensor) of every state tensor, one parameter's page in memory at a time: each
@@ -110,8 +110,8 @@ class AdamW:
         return {
             "format": FORMAT, "kind": self.kind, "bits": self._bits(), "step": self._step, "lr": self.lr,
             "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
-            "params": {l.name: {"shape": list(l.shape), "state": "8bit" if l.eight_bit else "fp32",
-                                "step": s} for l, s in zip(self._layouts, self._steps)},
+            "params": {lay.name: {"shape": list(lay.shape), "state": "8bit" if lay.eight_bit else "fp32",
+                                "step": s} for lay, s in zip(self._layouts, self._steps)},
         }
 
     def load_state(self, tensors, meta: dict) -> None:
@@ -124,7 +124,7 @@ class AdamW:
             self._page_from(tensors, layout)
         for i, layout in enumerate(self._layouts):
             self._pages.write(i, self._page_from(tensors, layout))
-        self._steps = [int(meta["params"][l.name]["step"]) for l in self._layouts]
+        self._steps = [int(meta["params"][lay.name]["step"]) for lay in self._layouts]
         self._step = int(meta["step"])
         self.lr = float(meta["lr"])
 
@@ -151,7 +151,7 @@ class AdamW:
         stall_s (time step() waited for a page), resident_bytes, peak_resident_bytes (page memory
         held at peak, reusable buffers included; <= budget_bytes), plus kind, step, state_bytes."""
         return {"kind": self.kind, "step": self._step,
-                "state_bytes": sum(l.nbytes for l in self._layouts), **self._pages.stats()}
+                "state_bytes": sum(lay.nbytes for lay in self._layouts), **self._pages.stats()}
 
     def close(self) -> None:
         """Free the state and the backing file; the optimizer is unusable afterwards."""
@@ -168,7 +168,7 @@ def _check_meta(meta: dict, opt: AdamW) -> None:
             f"is {opt.kind}; resume with the optimizer the run started with"
         )
     saved = set(meta.get("params", {}))
-    ours = {l.name for l in opt._layouts}
+    ours = {lay.name for lay in opt._layouts}
     if saved != ours:
         diff = sorted(saved ^ ours)
         raise QloraError(f"optimizer state: parameters differ from the model's (e.g. {diff[0]!r}); "
@@ -199,11 +199,11 @@ def build_optimizer(
         raise QloraError(f"optimizer memory budget applies to paged optimizers only; use paged_{name} or drop it")
     device = params[0][1].device
     layouts = [StateLayout.build(n, tuple(p.shape), name.endswith("8bit")) for n, p in params]
-    sizes = [l.nbytes for l in layouts]
+    sizes = [lay.nbytes for lay in layouts]
     if not paged:
         return AdamW(params, name, lr, betas, eps, weight_decay, layouts, ResidentPages(sizes, device))
     budget = memory_budget if memory_budget is not None else available_memory(device) // 2
-    largest = max(layouts, key=lambda l: l.nbytes)
+    largest = max(layouts, key=lambda lay: lay.nbytes)
     if budget < largest.nbytes:
         raise QloraError(
             f"optimizer memory budget {fmt_bytes(budget)} is smaller than the state of parameter "

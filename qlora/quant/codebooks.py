@@ -62,7 +62,8 @@ def _code4_cpu(quant_type: str, blocksize: int) -> torch.Tensor:
     if quant_type in OPTIMAL_TYPES:  # derived per block size: the normalised density depends on it
         table = BOF4_TABLES[quant_type].get(blocksize)
         if table is None:
-            raise ValueError(f"{quant_type} has tables for block sizes {sorted(BOF4_TABLES[quant_type])}, not {blocksize}")
+            sizes = sorted(BOF4_TABLES[quant_type])
+            raise ValueError(f"{quant_type} has tables for block sizes {sizes}, not {blocksize}")
         return torch.tensor(table, dtype=torch.float32)
     raw = {"fp4": _FP4_E2M1_RAW, "fp4_e3m0": _FP4_E3M0_RAW, "int4": _INT4_RAW}.get(quant_type)
     if raw is None:

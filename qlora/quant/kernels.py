@@ -2,7 +2,7 @@
 
 `blockwise.py` is the definition; a fast kernel may replace an op here only if it is tested bit
 for bit against the reference (tests/quant/test_kernels.py). CPU tensors go to the compiled
-SIMD kernels of fast.py (built on first use; the reference if they cannot be built); other
+SIMD kernels of fast/quantize.py (built on first use; the reference if they cannot be built); other
 devices use the reference. Set QLORA_REFERENCE_KERNELS=1 to force the reference everywhere
 (debugging, and the parity tests themselves).
 """
@@ -31,7 +31,7 @@ def cpu_kernels(*tensors: torch.Tensor) -> fast.CpuKernels | None:
 def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int):
     """-> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])"""
     k = cpu_kernels(w)
-    return k.quantize_4bit(w, quant_type, blocksize) if k else ref.quantize_4bit_ref(w, quant_type, blocksize)
+    return k.quant.quantize_4bit(w, quant_type, blocksize) if k else ref.quantize_4bit_ref(w, quant_type, blocksize)
 
 
 def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested: Nested | None = None) -> torch.Tensor:
@@ -40,7 +40,7 @@ def dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested: Neste
     nested_blocksize) + offset, decoded per block inside the kernel on CPU (no temporaries)."""
     k = cpu_kernels(packed, absmax) if dtype in ref.FLOAT_DTYPES else None
     if k:
-        return k.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested)
+        return k.quant.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested)
     return ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, shape, dtype)
 
 
@@ -49,7 +49,7 @@ def dequantize_4bit_into(out: torch.Tensor, packed, absmax, code, blocksize, nes
     layers that dequantize the same weight every step. Returns `out`."""
     k = cpu_kernels(out, packed, absmax) if out.dtype in ref.FLOAT_DTYPES and out.is_contiguous() else None
     if k:
-        return k.dequantize_4bit_into(out, packed, absmax, code, blocksize, nested)
+        return k.quant.dequantize_4bit_into(out, packed, absmax, code, blocksize, nested)
     return out.copy_(ref.dequantize_4bit_ref(packed, _scales(absmax, nested), code, blocksize, out.shape, out.dtype))
 
 
@@ -58,7 +58,7 @@ def matmul_4bit(x: torch.Tensor, packed, absmax, code, blocksize, shape, nested:
     16-bit rounding). The CPU kernel reads the codes once for all rows — the decode path for a
     handful of tokens; elsewhere, dequantize in fp32 and multiply."""
     k = cpu_kernels(x, packed, absmax)
-    out = k.gemm_4bit(x, packed, absmax, code, blocksize, tuple(shape), nested) if k else None
+    out = k.quant.gemm_4bit(x, packed, absmax, code, blocksize, tuple(shape), nested) if k else None
     if out is not None:
         return out
     w = dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32, nested)
@@ -75,10 +75,11 @@ def _scales(absmax: torch.Tensor, nested: Nested | None) -> torch.Tensor:
 def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     """-> (q uint8 shaped like x, absmax fp32 [blocks]); bitsandbytes' CPU semantics."""
     k = cpu_kernels(x, code)
-    return k.quantize_8bit(x, code, blocksize) if k else ref.quantize_8bit_ref(x, code, blocksize)
+    return k.quant.quantize_8bit(x, code, blocksize) if k else ref.quantize_8bit_ref(x, code, blocksize)
 
 
 def dequantize_8bit(q, absmax, code, blocksize) -> torch.Tensor:
     """-> fp32 shaped like q"""
     k = cpu_kernels(q, absmax, code)
-    return k.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code, blocksize)
+    return k.quant.dequantize_8bit(q, absmax, code, blocksize) if k else ref.dequantize_8bit_ref(q, absmax, code,
+                                                                                                 blocksize)

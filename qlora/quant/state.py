@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .blockwise import check_input
+from .blockwise import FLOAT_DTYPES, check_input
 from .codebooks import QUANT_TYPES, code4, dynamic_map
+from .spec import DEFAULT
 
 NESTED_BLOCKSIZE = 256
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
@@ -50,13 +50,6 @@ class QuantizedTensor:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def block_scales(self) -> torch.Tensor:
-        """fp32 absmax per block (undoing Double Quantization if used)."""
-        if not self.double_quant:
-            return self.absmax
-        scales = kernels.dequantize_8bit(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE)
-        return scales + self.offset
-
     def to(self, device) -> "QuantizedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedTensor(
@@ -69,7 +62,8 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> QuantizedTensor:
+def quantize(w: torch.Tensor, quant_type: str = DEFAULT.quant_type, blocksize: int = DEFAULT.blocksize,
+             double_quant: bool = DEFAULT.double_quant) -> QuantizedTensor:
     """Quantize any float tensor to 4 bits (bitsandbytes-identical bytes for nf4/fp4)."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
@@ -90,7 +84,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild the tensor: code[q] * absmax in fp32, cast to `dtype` (default: the original)."""
     dtype = dtype or q.dtype
-    if dtype not in _DTYPE_NAMES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"cannot dequantize to {dtype}: use float32, float16 or bfloat16")
     # Double-quantized scales are decoded inside the kernel, block by block (no fp32 temporaries)
     return kernels.dequantize_4bit(q.data, q.absmax, q.code, q.blocksize, q.shape, dtype, q.nested)
@@ -112,7 +106,7 @@ def to_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, torch
     meta = {
         "quant_type": q.quant_type,
         "blocksize": q.blocksize,
-        "dtype": _DTYPE_NAMES[q.dtype],
+        "dtype": str(q.dtype).removeprefix("torch."),
         "shape": list(q.shape),
     }
     if q.double_quant:
@@ -144,7 +138,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> Quan
         raise ValueError(f"'{keys[0]}': unknown quant_type {quant_type!r}")
     n = shape.numel()
     if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2:
-        raise ValueError(f"'{prefix}': expected {(n + 1) // 2} packed uint8 bytes for shape {list(shape)}, got {data.numel()} {data.dtype}")
+        raise ValueError(f"'{prefix}': expected {(n + 1) // 2} packed uint8 bytes for shape {list(shape)}, "
+                         f"got {data.numel()} {data.dtype}")
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"'{prefix}.absmax': expected {-(-n // blocksize)} block scales, got {absmax.numel()}")
     q = QuantizedTensor(data.reshape(-1, 1), absmax, shape, dtype, quant_type, blocksize, code.float())

@@ -90,7 +90,8 @@ def _messages(req: dict) -> list[dict]:
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         got = "missing" if messages is None else _type(messages) if not isinstance(messages, list) else "empty"
-        raise ApiError(400, f"'messages' must be a non-empty array of {{role, content}} objects, got {got}", param="messages")
+        raise ApiError(400, f"'messages' must be a non-empty array of {{role, content}} objects, got {got}",
+                       param="messages")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -108,7 +109,8 @@ def _content(content, where: str) -> str:
     """A string, or the array form [{"type": "text", "text": ...}, ...] (text parts only)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"),
+                                                                                                        str)
                                          for p in content):
         return "".join(p["text"] for p in content)
     raise ApiError(400, f"'{where}' must be a string or an array of text parts, got {_type(content)}", param=where)
@@ -119,7 +121,8 @@ def _completion_prompt(req: dict) -> str:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        got = "missing" if prompt is None else "an array (one prompt per request)" if isinstance(prompt, list) else _type(prompt)
+        got = ("missing" if prompt is None else "an array (one prompt per request)" if isinstance(prompt, list)
+               else _type(prompt))
         raise ApiError(400, f"'prompt' must be a non-empty string, got {got}", param="prompt")
     return prompt
 
@@ -130,7 +133,8 @@ def _stop(req: dict) -> tuple[str, ...]:
         return ()
     stop = [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, f"'stop' must be a non-empty string or an array of up to {MAX_STOP_STRINGS} of them", param="stop")
+        raise ApiError(400, f"'stop' must be a non-empty string or an array of up to {MAX_STOP_STRINGS} of them",
+                       param="stop")
     return tuple(stop)
 
 
@@ -172,12 +176,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def reply(kind: str, rid: str, model_id: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def reply(kind: str, rid: str, model_id: str, text: str, finish: str, prompt_tokens: int,
+          completion_tokens: int) -> dict:
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
             "model": model_id, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
 

@@ -46,7 +46,8 @@ class App:
         """Wait for the model (FIFO is not promised, every waiter gets it eventually)."""
         with self._count_lock:
             if self.waiting >= self.max_queue:
-                raise ApiError(503, f"server busy: {self.waiting} requests are already waiting; retry later", "server_error")
+                raise ApiError(503, f"server busy: {self.waiting} requests are already waiting; retry later",
+                               "server_error")
             self.waiting += 1
         try:
             with self.model_lock:
@@ -99,7 +100,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(ApiError(500, f"internal error ({type(e).__name__})", "server_error"))
 
     def _not_allowed(self) -> None:
-        self._error(ApiError(405, f"method {self.command} is not allowed here; use GET or POST", code="method_not_allowed"))
+        self._error(ApiError(405, f"method {self.command} is not allowed here; use GET or POST",
+                             code="method_not_allowed"))
 
     do_PUT = do_DELETE = do_PATCH = _not_allowed
 

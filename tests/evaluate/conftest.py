@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def byte_tokenizer():
-    from qlora.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -17,7 +17,7 @@ def tiny_dir(tmp_path_factory):
     """A tiny random llama directory whose context (2048) fits the judging prompt in bytes."""
     import json
 
-    from qlora.tiny import save_tiny
+    from tiny import save_tiny
 
     path = save_tiny(str(tmp_path_factory.mktemp("tiny") / "llama"), "llama")
     cfg_path = f"{path}/config.json"

@@ -65,8 +65,10 @@ def test_loaders_build_harness_prompts(tmp_path, monkeypatch):
     rows = {
         "arc_easy_test.jsonl": {"query": "Question: Why?", "choices": ["a", "b"], "gold": 1},
         "piqa_val.jsonl": {"goal": "Open jar", "sol1": "twist", "sol2": "kick", "label": 0},
-        "hellaswag_val.jsonl": {"activity_label": "Baking", "ctx": "She mixes  [title] the flour", "endings": ["then bakes.", "x"], "label": 0},
-        "winogrande_dev.jsonl": {"context_options": ["Ann helped Bo so Ann", "Ann helped Bo so Bo"], "continuation": "was thanked.", "gold": 1},
+        "hellaswag_val.jsonl": {"activity_label": "Baking", "ctx": "She mixes  [title] the flour",
+                                "endings": ["then bakes.", "x"], "label": 0},
+        "winogrande_dev.jsonl": {"context_options": ["Ann helped Bo so Ann", "Ann helped Bo so Bo"],
+                                 "continuation": "was thanked.", "gold": 1},
     }
     for name, row in rows.items():
         (root / name).write_text(json.dumps(row) + "\n", encoding="utf-8")
@@ -84,7 +86,8 @@ def test_loaders_build_harness_prompts(tmp_path, monkeypatch):
 
 def test_generic_jsonl_and_errors(tmp_path):
     path = tmp_path / "mine.jsonl"
-    path.write_text('{"query": "2+2=", "choices": ["4", "5"], "gold": 0}\n{"query": "q", "choices": ["a"], "gold": 0}\n')
+    path.write_text('{"query": "2+2=", "choices": ["4", "5"], "gold": 0}\n'
+                    '{"query": "q", "choices": ["a"], "gold": 0}\n')
     name, qs = load_task(str(path), limit=1)
     assert name == "mine" and qs[0].continuations == [" 4", " 5"]
     with pytest.raises(QloraError, match="mine.jsonl:2: gold must index one of >= 2 choices"):
@@ -95,7 +98,7 @@ def test_generic_jsonl_and_errors(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_batches_equal_one_by_one_on_real_models(arch, byte_tokenizer):
-    from qlora.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model(arch)
     pairs = [("Question: what is it?\nAnswer:", " a cat"), ("Hi", " there, friend"), ("x", " y"), ("", "start")]

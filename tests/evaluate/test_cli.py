@@ -26,8 +26,11 @@ def files(tmp_path_factory, tiny_dir):
         '{"instruction": "Color of sky", "input": "", "output": "blue"}\n', encoding="utf-8")
     eval_dir = root / "eval"
     eval_dir.mkdir()
-    dev = [{"subject": "algebra", "question": f"d{i}?", "choices": ["1", "2", "3", "4"], "answer": i % 4} for i in range(5)]
-    test = [{"subject": "algebra", "question": f"t{i}?", "choices": ["1", "2", "3", "4"], "answer": i % 4} for i in range(3)]
+    def row(q, i):
+        return {"subject": "algebra", "question": q, "choices": ["1", "2", "3", "4"], "answer": i % 4}
+
+    dev = [row(f"d{i}?", i) for i in range(5)]
+    test = [row(f"t{i}?", i) for i in range(3)]
     (eval_dir / "mmlu_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
     (eval_dir / "mmlu_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     return root
@@ -37,14 +40,16 @@ def files(tmp_path_factory, tiny_dir):
 def adapters(tmp_path_factory, tiny_dir):
     """A freshly initialised adapter (B = 0: the base model exactly) and a trained-looking one."""
     from qlora import hf
+    from qlora.adapters import save_adapter
+    from qlora.nn.surgery import lora_layers
 
     root = tmp_path_factory.mktemp("adapters")
     net, _ = hf.load(tiny_dir, lora=dict(r=4, alpha=8.0, dropout=0.0))
-    hf.save_adapter(net, str(root / "zero"), tiny_dir)
+    save_adapter(net, str(root / "zero"), tiny_dir)
     torch.manual_seed(0)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    hf.save_adapter(net, str(root / "tuned"), tiny_dir)
+    save_adapter(net, str(root / "tuned"), tiny_dir)
     return {"zero": str(root / "zero"), "tuned": str(root / "tuned")}
 
 
@@ -78,7 +83,7 @@ def test_choice_and_mmlu(tiny_dir, files, tmp_path, capsys, monkeypatch):
 
 
 def _expected_bits(net, blocksize, dq):
-    from qlora.hf import linear_names
+    from qlora.nn.surgery import linear_names
 
     bits = params = 0
     for name in linear_names(net):
@@ -91,6 +96,8 @@ def _expected_bits(net, blocksize, dq):
 
 def test_datatypes_table_plot_and_bits(tiny_dir, files, tmp_path, capsys):
     from qlora import hf
+    from qlora.adapters import save_adapter
+    from qlora.nn.surgery import lora_layers
 
     out, png, md = tmp_path / "dt.json", tmp_path / "dt.png", tmp_path / "dt.md"
     rc, stdout, _ = _run(["datatypes", "--model", tiny_dir, "--datatypes", "bf16,nf4+dq,int4@128", "--data",
@@ -138,7 +145,8 @@ def test_compare_adapters(tiny_dir, files, adapters, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert rc == 0 and r["diff"] != 0.0 and r["n"] == 3 and "95% CI" in stdout
     rc, _, _ = _run(["compare", adapters["zero"], "base", "--model", tiny_dir, "--data", str(files / "heldout.jsonl"),
-                     "--metric", "exact_match", "--max-new-tokens", "2", "--rounds", "50", "--output", str(out)], capsys)
+                     "--metric", "exact_match", "--max-new-tokens", "2", "--rounds", "50", "--output", str(out)],
+                    capsys)
     r = json.loads(out.read_text())
     assert rc == 0 and r["metric"] == "exact_match" and r["a"]["scores"] == r["b"]["scores"]
 

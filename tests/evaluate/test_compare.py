@@ -35,7 +35,7 @@ def test_summarize_verdicts():
 
 
 def test_example_losses_equal_transformers_loss():
-    from qlora.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,8 @@ def test_later_turns_see_the_earlier_answers(tmp_path, monkeypatch):
     assert seen == [["q1"], ["q1", "answer1", "q2"]]
     saved = json.loads(out.read_text())
     assert saved == rows[0] and saved["answers"] == ["answer1", "answer2"] and saved["settings"]["max_new_tokens"] == 5
-    assert (saved["name"], saved["model"], answer_text(saved), question_text(saved)) == ("sys", "m", "answer1\n\nanswer2", "q1\n\nq2")
+    assert (saved["name"], saved["model"], answer_text(saved), question_text(saved)) == \
+        ("sys", "m", "answer1\n\nanswer2", "q1\n\nq2")
     name, answers = load_answers(str(out))
     assert name == "sys" and answers == {"1": {"question": "q1\n\nq2", "answer": "answer1\n\nanswer2"}}
 

@@ -23,7 +23,8 @@ class _Scripted(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append((self.path, dict(self.headers), body))
         status, text = self.server.reply
-        payload = {"choices": [{"message": {"role": "assistant", "content": text}}]} if status == 200 else {"error": text}
+        ok = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+        payload = ok if status == 200 else {"error": text}
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -113,7 +114,8 @@ def test_human_judge_asks_until_it_understands():
 
 SYSTEMS = {
     "base": {"1": {"question": "q1", "answer": "b1"}, "2": {"question": "q2", "answer": "b2"}},
-    "tuned": {"1": {"question": "q1", "answer": "t1"}, "2": {"question": "q2", "answer": "t2"}, "3": {"question": "q3", "answer": "t3"}},
+    "tuned": {"1": {"question": "q1", "answer": "t1"}, "2": {"question": "q2", "answer": "t2"},
+              "3": {"question": "q3", "answer": "t3"}},
 }
 
 
@@ -161,6 +163,7 @@ def test_cli_judge_with_an_api_endpoint(endpoint, tmp_path, capsys, monkeypatch)
     stdout = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 0 and len(endpoint.seen) == 6 and endpoint.seen[0][1]["Authorization"] == "Bearer sk-cli"
-    assert r["consistency"] == {"pairs_both_orders": 3, "agree": 0, "agreement": 0.0, "first_wins": 1.0, "no_verdict": 0}
+    assert r["consistency"] == {"pairs_both_orders": 3, "agree": 0, "agreement": 0.0, "first_wins": 1.0,
+                                "no_verdict": 0}
     assert r["judge_model"] == "gpt-x" and "| rank | system | Elo |" in stdout
     assert len((tmp_path / "result.judgments.jsonl").read_text().splitlines()) == 6

@@ -51,7 +51,7 @@ def test_batching_changes_nothing():
 
 
 def test_equals_transformers_loss_on_a_tiny_model():
-    from qlora.tiny import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("llama")
     ids = torch.randint(260, (64,), generator=torch.Generator().manual_seed(0))

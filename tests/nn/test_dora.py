@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from qlora import hf
+from qlora.adapters import save_adapter
 from qlora.nn import Linear4bit, LoRALinear
+from qlora.nn.surgery import linear_names, lora_layers
 
 
 def _layer(seed: int = 0, bias: bool = True, dropout: float = 0.0) -> LoRALinear:
@@ -70,7 +72,8 @@ def test_gradients_reach_magnitude_a_and_b_and_follow_peft_with_dropout():
     with torch.no_grad():
         v = w + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
         scale = layer.lora_magnitude / v.norm(dim=1)
-        want = layer.base(x) + (scale - 1) * (xd @ w.t()) + scale * (xd @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()) * layer.scaling
+        lora = xd @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
+        want = layer.base(x) + (scale - 1) * (xd @ w.t()) + scale * lora * layer.scaling
     torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -88,16 +91,16 @@ def test_peft_loads_our_dora_adapter_and_we_load_peft(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tok = hf.load(tiny_llama, compute_dtype=torch.float32, lora=dict(r=4, alpha=8, dropout=0.0, dora=True))
-    for i, layer in enumerate(hf.lora_layers(model).values()):
+    for i, layer in enumerate(lora_layers(model).values()):
         _perturb(layer, seed=i)
-    hf.save_adapter(model, str(tmp_path / "ours"), tiny_llama)
+    save_adapter(model, str(tmp_path / "ours"), tiny_llama)
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector" in keys
     # PEFT on the dequantized base (fp32 Linear layers holding our dequantized weights)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    for name in hf.linear_names(base):
+    for name in linear_names(base):
         base.get_submodule(name).weight.data = model.get_submodule(name).base.dequantized_weight(torch.float32)
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "ours"))
     assert pm.peft_config["default"].use_dora
@@ -107,7 +110,7 @@ def test_peft_loads_our_dora_adapter_and_we_load_peft(tiny_llama, tmp_path):
         torch.testing.assert_close(pm(ids).logits, want, rtol=0, atol=1e-5)
         pm.save_pretrained(str(tmp_path / "theirs"))
         again, _ = hf.load(tiny_llama, compute_dtype=torch.float32, adapters=[str(tmp_path / "theirs")])
-        assert all(layer.dora for layer in hf.lora_layers(again).values())
+        assert all(layer.dora for layer in lora_layers(again).values())
         torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=1e-6)
         # PEFT's own merge agrees with ours
         merged = pm.merge_and_unload()

@@ -35,7 +35,7 @@ def test_kernel_equals_reference_bitwise(k, dtype, monkeypatch):
     for n, p, seed in ((3 * 1000 * 37, 0.1, 987654321), (17, 0.5, 3), ((1 << 16) + 33, 0.3, 0xFFFFFFFF)):
         x = torch.randn(n, dtype=dtype)
         x[:4] = torch.tensor([float("inf"), -float("inf"), -0.0, 1e-40])
-        fast_out = k.dropout(x, D.threshold(p), 1 / (1 - p), seed)
+        fast_out = k.train.dropout(x, D.threshold(p), 1 / (1 - p), seed)
         monkeypatch.setenv("QLORA_REFERENCE_KERNELS", "1")
         ref_out = D.apply(x, p, seed)
         monkeypatch.delenv("QLORA_REFERENCE_KERNELS")

@@ -61,9 +61,9 @@ def test_rms_norm_matches_transformers(d, reference, monkeypatch):
 def test_rms_norm_kernel_builds_agree(k):
     hf, x, dy = _norm_case(200, seed=1)
     y_ref, dx_ref = _norm_run(hf, x, dy)
-    y, rstd = k.rms_norm_forward(x.reshape(-1, 200), hf.weight, hf.variance_epsilon)
+    y, rstd = k.train.rms_norm_forward(x.reshape(-1, 200), hf.weight, hf.variance_epsilon)
     _close(y.view_as(y_ref), y_ref)
-    dx = k.rms_norm_backward(dy.reshape(-1, 200), x.reshape(-1, 200), hf.weight, rstd)
+    dx = k.train.rms_norm_backward(dy.reshape(-1, 200), x.reshape(-1, 200), hf.weight, rstd)
     _close(dx.view_as(dx_ref), dx_ref, max_fraction=5e-3)
     torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5).reshape(-1), rtol=1e-6, atol=0)
 
@@ -74,8 +74,8 @@ def test_swiglu_and_cross_entropy_kernel_builds_agree(k):
     h_ref = F.silu(gate) * up
     a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
     dg_ref, du_ref = torch.autograd.grad(F.silu(a) * b, (a, b), dh)
-    _close(k.swiglu_forward(gate, up), h_ref)
-    dg, du = k.swiglu_backward(dh, gate, up)
+    _close(k.train.swiglu_forward(gate, up), h_ref)
+    dg, du = k.train.swiglu_backward(dh, gate, up)
     _close(dg, dg_ref)
     _close(du, du_ref)
     z = (torch.randn(6, 1000, generator=g) * 5).bfloat16()  # 1000: a scalar tail after 62 x 16 lanes
@@ -83,7 +83,7 @@ def test_swiglu_and_cross_entropy_kernel_builds_agree(k):
     expected = F.cross_entropy(z.float(), y, reduction="none")
     grad_ref = (torch.softmax(z.float(), -1) - F.one_hot(y, 1000)).bfloat16()
     zz = z.clone()
-    torch.testing.assert_close(k.cross_entropy_rows(zz, y, True), expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(k.train.cross_entropy_rows(zz, y, True), expected, rtol=1e-6, atol=1e-5)
     _close(zz, grad_ref, max_fraction=5e-3)
 
 
@@ -144,7 +144,7 @@ def test_fuse_leaves_gemma_alone(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
     if "gemma3" not in tiny_dirs:
-        pytest.skip("no tiny gemma3 architecture in qlora.tiny")
+        pytest.skip("no tiny gemma3 architecture in tests/tiny.py")
     net = AutoModelForCausalLM.from_pretrained(tiny_dirs["gemma3"], dtype=torch.bfloat16)
     assert fused.fuse(net) == 0  # Gemma's norm scales by 1 + w and its MLP is GELU-gated
 

@@ -7,10 +7,12 @@ import torch
 
 import qlora
 from qlora import hf
+from qlora.adapters import recorded_lora_init, save_adapter
 from qlora.errors import QloraError
 from qlora.export import export
 from qlora.generate import load_model
 from qlora.nn import Linear4bit, lora_init
+from qlora.nn.surgery import add_lora, lora_layers
 
 S = 2.0  # LoRA scaling α/r used below
 
@@ -27,7 +29,8 @@ def _weight(seed=0, shape=(96, 160)):
 
 
 def _bits_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    same_bytes = torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
 def test_loftq_reduces_the_error_every_iteration_and_is_bit_reproducible():
@@ -66,20 +69,20 @@ def test_loaded_layer_by_layer_and_an_adapter_re_derives_its_base(tiny_llama, tm
 
     init = lora_init.spec(method, 4, 8.0, iters=2)
     model, tok = hf.load(tiny_llama, compute_dtype=torch.float32, lora_init=init)
-    hf.add_lora(model, r=4, alpha=8.0, dropout=0.0)
+    add_lora(model, r=4, alpha=8.0, dropout=0.0)
     plain, _ = hf.load(tiny_llama, compute_dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    for name, layer in hf.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert float(layer.lora_B.weight.detach().abs().sum()) > 0  # not the B = 0 start
         w = ref.get_submodule(name).weight
         ours = (w - layer.merge(torch.float32).weight).norm()
         qlora_err = (w - plain.get_submodule(name).dequantized_weight(torch.float32)).norm()
         assert ours < qlora_err, name
-    hf.save_adapter(model, str(tmp_path / "a"), tiny_llama)
+    save_adapter(model, str(tmp_path / "a"), tiny_llama)
     again, _ = load_model(tiny_llama, [str(tmp_path / "a")], compute_dtype=torch.float32)
-    assert again.qlora_quant["lora_init"] == init
-    for name, layer in hf.lora_layers(again).items():
-        assert torch.equal(layer.base.weight.data, hf.lora_layers(model)[name].base.weight.data), name
+    assert recorded_lora_init([str(tmp_path / "a")]) == init and lora_init.of(again) == init
+    for name, layer in lora_layers(again).items():
+        assert torch.equal(layer.base.weight.data, lora_layers(model)[name].base.weight.data), name
     ids = torch.tensor([tok("The quick brown fox")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
@@ -90,7 +93,7 @@ def test_loaded_layer_by_layer_and_an_adapter_re_derives_its_base(tiny_llama, tm
 def test_settings_that_do_not_fit_are_refused(tiny_llama):
     model, _ = hf.load(tiny_llama, compute_dtype=torch.float32, lora_init=lora_init.spec("pissa", 4, 8.0))
     with pytest.raises(QloraError, match="initialised for LoRA rank 4 and scaling 2, the adapter has rank 8"):
-        hf.add_lora(model, r=8, alpha=8.0)
+        add_lora(model, r=8, alpha=8.0)
     with pytest.raises(QloraError, match="needs a 4-bit base"):
         hf.load(tiny_llama, quant_type="bf16", lora_init=lora_init.spec("loftq", 4, 8.0))
     with pytest.raises(ValueError, match="unknown LoRA init 'svd'"):

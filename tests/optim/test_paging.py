@@ -28,7 +28,7 @@ def _train(kind, steps=5, **kw):
 
 
 def _largest_page(opt):
-    return max(l.nbytes for l in opt._layouts)
+    return max(lay.nbytes for lay in opt._layouts)
 
 
 @pytest.mark.parametrize("bits", ["", "_8bit"])
@@ -45,7 +45,7 @@ def test_paged_equals_unpaged_bitwise_when_evicting_every_step(bits, budget_page
     s = opt.stats()
     assert s["paged"] and s["evictions"] >= 5 * (len(SHAPES) - budget_pages)
     assert s["peak_resident_bytes"] <= budget
-    total = sum(l.nbytes for l in opt._layouts)
+    total = sum(lay.nbytes for lay in opt._layouts)
     assert s["bytes_in"] >= 5 * (total - budget) and s["bytes_out"] >= 4 * (total - budget)
     if budget_pages == 2:
         assert s["prefetch_hits"] > 0
@@ -55,7 +55,7 @@ def test_paged_equals_unpaged_bitwise_when_evicting_every_step(bits, budget_page
 
 def test_room_to_spare_means_no_paging_and_no_file(tmp_path):
     _, ref = _train("adamw")
-    params, opt = _train("paged_adamw", memory_budget=10 * sum(l.nbytes for l in ref._layouts),
+    params, opt = _train("paged_adamw", memory_budget=10 * sum(lay.nbytes for lay in ref._layouts),
                          offload_dir=str(tmp_path))
     s = opt.stats()
     assert not s["paged"] and s["bytes_in"] == s["bytes_out"] == s["evictions"] == 0

@@ -7,7 +7,7 @@
 //     tests/quant/arm64_driver.cpp qlora/quant/csrc/*.cpp -static -o drv
 //   qemu-aarch64-static ./drv in.bin out.bin
 //
-// Each kernel is called as qlora/quant/fast.py's CpuKernels calls it (same arguments; nthreads 1:
+// Each kernel is called as qlora/quant/fast/'s bindings call it (same arguments; nthreads 1:
 // the OpenMP regions start at 2M elements anyway, and the library is built without -fopenmp here).
 //
 // Input (little-endian): "QA64IN01", u32 call count, then per call: name (u32 length + bytes; the op
@@ -30,7 +30,7 @@
 
 #include "decode.h"  // QloraDecodeLinear, QloraLlamaLayer, QloraLlama
 
-// The library's entry points (their definitions: qlora/quant/csrc/*.cpp; fast.py's argtypes).
+// The library's entry points (their definitions: qlora/quant/csrc/*.cpp; argtypes: qlora/quant/fast/).
 extern "C" {
 int qlora_simd(void);
 int qlora_gemv_simd(void);

@@ -8,12 +8,23 @@ import warnings
 
 import torch
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.uint8: torch.uint8}
 
 # normal weights, heavy tails (Cauchy: a few outliers set each block's scale), values near the
 # bottom of the dtype's range (many subnormal inputs), subnormal block absmaxes (1/absmax
 # overflows to inf), and values near the top of the range.
 FAMILIES = ("normal", "heavy", "tiny", "subnormal", "huge")
+
+
+def block_scales(q) -> torch.Tensor:
+    """The fp32 scale of each block, Double Quantization undone: what the codes are multiplied by."""
+    from qlora.quant import kernels
+
+    if q.nested is None:
+        return q.absmax
+    nested_absmax, nested_code, offset, nested_blocksize = q.nested
+    return kernels.dequantize_8bit(q.absmax, nested_absmax, nested_code, nested_blocksize) + offset
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ built portable (-DQLORA_PORTABLE), and against the portable x86 build run native
 
 tests/quant/arm64_driver.cpp is compiled together with csrc/*.cpp into one program per build; it
 reads the calls written here (inputs made with qlora's own tables: codebooks, the 8-bit LUT as
-fast.py pads it, Double Quantization scales from qlora.quantize, LoRA B blocked as decoding.py
-blocks it), calls each extern "C" kernel as fast.py's CpuKernels does, and writes every output.
+fast/quantize.py pads it, Double Quantization scales from qlora.quantize, LoRA B blocked as
+fast/llama_structs.py blocks it), calls each extern "C" kernel as the bindings in qlora/quant/fast/
+do, and writes every output.
 
 What is compared, and how exactly: every output, element by element, as bits (+0.0 != -0.0;
 NaN where the other build has a number fails), with one exception everywhere: two NaNs are equal
@@ -39,7 +40,7 @@ keep the bits. Within one architecture such NaN-only differences are reported as
 
 Sizes are small (qemu runs the whole set in a few seconds) and ragged (n not a multiple of
 16/32/64 where the API allows), with NaN, Inf, subnormal and tie inputs for quantization.
-Builds are cached in fast.cache_dir()/arm64-driver/<hash of driver, sources, compiler, flags>/.
+Builds are cached in library.cache_dir()/arm64-driver/<hash of driver, sources, compiler, flags>/.
 Needs: scripts/install_arm64_tools.sh (g++-aarch64-linux-gnu, qemu-user-static); skipped without.
 """
 
@@ -63,18 +64,19 @@ import pytest
 import torch
 
 from qlora import quant
-from qlora.quant import blockwise, codebooks, fast
-from qlora.quant.decoding import _blocked, block_keys, int8_screen
+from qlora.quant import blockwise, codebooks
+from qlora.quant.fast import library, quantize
+from qlora.quant.fast.llama_structs import _blocked, block_keys, int8_screen
 
 REPO = Path(__file__).resolve().parents[2]
 # $QLORA_ARM64_CSRC: test another copy of the kernel sources (e.g. a commit's, from git archive)
 CSRC = Path(os.environ.get("QLORA_ARM64_CSRC") or REPO / "qlora" / "quant" / "csrc")
 DRIVER = Path(__file__).with_name("arm64_driver.cpp")
-# fast.py's _FLAGS for a program instead of a shared library (-fPIC -shared dropped), without -fopenmp:
+# fast/library.py's _FLAGS for a program instead of a shared library (-fPIC -shared dropped), without -fopenmp:
 # the kernels' OpenMP regions start at 2M elements, far above the sizes here.
 _COMMON = ("-O3", "-std=c++17", "-ffp-contract=off", "-w")
 _INSTALL = "run `bash scripts/install_arm64_tools.sh` (Debian: g++-aarch64-linux-gnu qemu-user-static)"
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # fast._DTYPE_CODES
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # quantize._DTYPE_CODES
 _DT_NAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # kernels whose portable code calls (logf: cross-entropy) or called (expf, before qlora_exp) the C library
 _LIBM_OPS = frozenset({"swiglu_forward", "swiglu_backward", "cross_entropy_rows", "decode_attention", "llama"})
@@ -178,7 +180,7 @@ def _linear(n: int, k: int, bs: int, gen: torch.Generator, dq: bool, r: int, bia
     """(ints, floats, bufs) of one QloraDecodeLinear, made with qlora.quantize and decoding's layouts."""
     w = torch.randn(n, k, generator=gen) * scale
     q = quant.quantize(w, "nf4", bs, double_quant=dq)
-    (a32, qa, nested_absmax, code8), offset, nested_bs = fast._scale_args(q.absmax, q.nested)
+    (a32, qa, nested_absmax, code8), offset, nested_bs = quantize._scale_args(q.absmax, q.nested)
     lora_a = (torch.randn(r, k, generator=gen) * 0.05).bfloat16() if r else None
     lora_b = _blocked((torch.randn(n, r, generator=gen) * 0.05).bfloat16()) if r else None
     b = torch.randn(n, generator=gen) if bias else None
@@ -213,7 +215,7 @@ def make_calls() -> Calls:
 
     # 4-bit quantize: every codebook, dtype, ragged sizes, finite and NaN/Inf inputs
     for qt in codebooks.QUANT_TYPES:
-        bounds, order = fast._code4_tables(qt)
+        bounds, order = quantize._code4_tables(qt)
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             for n, bs, finite in ((1, 32, True), (33, 32, True), (1000, 64, True), (4133, 128, True),
                                   (5000, 4096, True), (901, 64, False), (77, 32, False)):
@@ -239,14 +241,14 @@ def make_calls() -> Calls:
     for dt in (torch.float32, torch.bfloat16):
         w = torch.randn(37, 96, generator=g) * 0.02
         q = quant.quantize(w, "nf4", 32, double_quant=True)
-        (_, qa, nested_absmax, code8), offset, nested_bs = fast._scale_args(q.absmax, q.nested)
+        (_, qa, nested_absmax, code8), offset, nested_bs = quantize._scale_args(q.absmax, q.nested)
         c.add(f"dequantize_4bit/quantize-dq/{_DT_NAME[dt]}/n={w.numel()}", [_DTYPES[dt], w.numel(), 32, nested_bs],
               [offset], [q.data, None, qa, nested_absmax, code8, q.code])
 
-    # 8-bit quantize / dequantize (signed and unsigned dynamic maps, the LUT as fast.py pads it)
+    # 8-bit quantize / dequantize (signed and unsigned dynamic maps, the LUT as fast/quantize.py pads it)
     for signed in (True, False):
         code = codebooks.dynamic_map(signed=signed)
-        lut = fast._padded_lut8(tuple(code.tolist()))
+        lut = quantize._padded_lut8(tuple(code.tolist()))
         sname = "signed" if signed else "unsigned"
         for n, bs, finite in ((1, 32, True), (100, 32, True), (1000, 256, True), (5000, 4096, True), (257, 64, True),
                               (700, 64, False)):
@@ -264,7 +266,7 @@ def make_calls() -> Calls:
         for dq in (False, True):
             w = torch.randn(n_out, k, generator=g) * 0.1
             q = quant.quantize(w, "nf4", bs, double_quant=dq)
-            (a32, qa, nested_absmax, code8), offset, nested_bs = fast._scale_args(q.absmax, q.nested)
+            (a32, qa, nested_absmax, code8), offset, nested_bs = quantize._scale_args(q.absmax, q.nested)
             for m in (1, 3, 8, 13):
                 x = torch.randn(m, k, generator=g)
                 if m == 3:
@@ -278,7 +280,8 @@ def make_calls() -> Calls:
             x = _specials(torch.randn(n, generator=g).to(dt), g, every=41)
             for p, seed, inplace in ((0.1, 12345, 0), (0.5, 0xDEADBEEF, 1), (0.0, 7, 0)):
                 threshold = min(int(p * 2 ** 32), 2 ** 32 - 1)
-                c.add(f"dropout/{_DT_NAME[dt]}/n={n}/p={p}/inplace={inplace}", [n, _DTYPES[dt], threshold, seed, inplace],
+                c.add(f"dropout/{_DT_NAME[dt]}/n={n}/p={p}/inplace={inplace}",
+                      [n, _DTYPES[dt], threshold, seed, inplace],
                       [1.0 / (1.0 - p)], [x])
 
     # RMSNorm forward and backward (a zero row and a huge row among them), ragged widths
@@ -318,9 +321,12 @@ def make_calls() -> Calls:
 
     # one-token 4-bit linear + LoRA (decode_linear): shapes, DQ, rank, bias, several sharing x,
     # and one product above the two-lane threshold (64k weights) with the helper thread on
-    for count, n, k, bs, dq, r, bias, threads in ((1, 1, 64, 64, False, 0, False, 1), (1, 37, 128, 64, True, 5, True, 1),
-                                                  (1, 16, 256, 128, True, 8, False, 1), (3, 40, 192, 64, False, 1, True, 1),
-                                                  (1, 272, 256, 64, True, 16, True, 2), (1, 33, 64, 64, False, 3, False, 2)):
+    for count, n, k, bs, dq, r, bias, threads in ((1, 1, 64, 64, False, 0, False, 1),
+                                                  (1, 37, 128, 64, True, 5, True, 1),
+                                                  (1, 16, 256, 128, True, 8, False, 1),
+                                                  (3, 40, 192, 64, False, 1, True, 1),
+                                                  (1, 272, 256, 64, True, 16, True, 2),
+                                                  (1, 33, 64, 64, False, 3, False, 2)):
         args = ([count, threads], [], [])
         _add_linears(args, [_linear(n + 8 * i, k, bs, g, dq, r, bias) for i in range(count)])
         args[2].append(torch.randn(k, generator=g).bfloat16())
@@ -390,7 +396,8 @@ def make_calls() -> Calls:
         if four:
             g4 = torch.Generator().manual_seed(99)
             _add_linears(args, [_linear(vocab, hidden, 64, g4, True, 0, False, scale=0.2)])
-        c.add(f"llama/head={head_kind}/{'greedy' if greedy else 'step'}/screen={int(screen)}/steps={len(tokens)}", *args)
+        c.add(f"llama/head={head_kind}/{'greedy' if greedy else 'step'}/screen={int(screen)}/steps={len(tokens)}",
+              *args)
     return c
 
 
@@ -504,14 +511,15 @@ class Build:
 
 def _builds() -> dict[str, Build]:
     host = platform.machine()
-    native_cxx = fast._compiler()
+    native_cxx = library._compiler()
     builds: dict[str, Build] = {}
     # aarch64: cross-compiled and run under qemu-user on another host, native on an ARM64 host
     if host == "aarch64":
         cross, runner, why = native_cxx, (), "" if native_cxx else "no C++ compiler"
     else:
         cross = os.environ.get("QLORA_ARM64_CXX") or shutil.which("aarch64-linux-gnu-g++")
-        qemu = os.environ.get("QLORA_QEMU_AARCH64") or shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+        qemu = (os.environ.get("QLORA_QEMU_AARCH64") or shutil.which("qemu-aarch64-static")
+                or shutil.which("qemu-aarch64"))
         runner = (qemu,) if qemu else ()
         why = ("no aarch64 cross compiler (aarch64-linux-gnu-g++)" if not cross else
                "no qemu-aarch64 (qemu-user-static / qemu-user)" if not qemu else "")
@@ -531,7 +539,7 @@ def _builds() -> dict[str, Build]:
     cxx = native_cxx if x86 and native_cxx else None
     why = no_x86 or ("" if native_cxx else "no C++ compiler")
     builds["x86-portable"] = Build("x86-portable", cxx, ("-march=native", "-DQLORA_PORTABLE"), (), why,
-                                   key_extra=fast._cpu_signature())
+                                   key_extra=library._cpu_signature())
     v3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= flags
     builds["x86-64-v3"] = Build("x86-64-v3", cxx if v3 else None, ("-march=x86-64-v3",), (),
                                 why or ("" if v3 else "this CPU lacks AVX2/FMA (x86-64-v3)"))
@@ -539,7 +547,7 @@ def _builds() -> dict[str, Build]:
     builds["x86-native"] = Build("x86-native", None if avx512 else cxx, ("-march=native",), (),
                                  why or ("" if not avx512 else "AVX-512 host: those kernels sum in their own order and "
                                          "are tested against the reference in test_kernels.py"),
-                                 key_extra=fast._cpu_signature())
+                                 key_extra=library._cpu_signature())
     return builds
 
 
@@ -555,7 +563,7 @@ def _compiler_id(cxx: str) -> str:
 
 
 def _cache_root() -> Path:
-    return fast.cache_dir() / "arm64-driver"
+    return library.cache_dir() / "arm64-driver"
 
 
 def build(b: Build) -> Path:
@@ -674,7 +682,7 @@ def test_aarch64_portable_equals_x86_portable(runs):
 
 @pytest.mark.parametrize("name", ["x86-64-v3", "x86-native"])
 def test_x86_simd_build_equals_portable(runs, name):
-    """The x86 SIMD build (AVX2 for x86-64-v3; fast.py's -march=native on a host without AVX-512)
+    """The x86 SIMD build (AVX2 for x86-64-v3; fast/library.py's -march=native on a host without AVX-512)
     against the portable build: every output bit for bit."""
     simd = runs.output(name)
     _check(simd, runs.output("x86-portable"), f"{name} build ({_info(simd)}) vs x86 portable build")

@@ -145,7 +145,8 @@ def test_bnb_native_dequantize_4bit_differs_from_its_definition_only_where_liste
         cases = ", ".join(f"{k}: {v}" for k, v in t["cases"].items() if v)
         print(f"{dtype:9}{quant_type:5}{blocksize:>6}  {'+'.join(t['kernels']):16}{t['differ']:>7}/{t['elements']:<8} "
               f"{t['max_abs']:>11.3g}  {cases}")
-    assert not unexplained, f"outside the listed cases (dtype, type, block, shape, family, kernel, count): {unexplained}"
+    assert not unexplained, \
+        f"outside the listed cases (dtype, type, block, shape, family, kernel, count): {unexplained}"
     assert any(k != "pytorch" for *_, t in rows for k in t["kernels"]), "no native kernel ran: nothing was measured"
 
 

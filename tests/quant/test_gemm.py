@@ -10,7 +10,7 @@ import torch
 
 from qlora import quant
 from qlora.nn import Linear4bit
-from qlora.quant import fast, kernels
+from qlora.quant import kernels
 from qlora.quant.state import NESTED_BLOCKSIZE
 
 
@@ -26,18 +26,19 @@ def _q(shape, quant_type="nf4", double_quant=True, blocksize=64):
 def test_matches_dequantize_then_matmul(k, rows, double_quant):
     q, nested = _q((96, 320), "nf4", double_quant)
     x = torch.randn(rows, 320)
-    out = k.gemm_4bit(x, q.data, q.absmax, q.code, q.blocksize, tuple(q.shape), nested)
+    out = k.quant.gemm_4bit(x, q.data, q.absmax, q.code, q.blocksize, tuple(q.shape), nested)
     expected = x.double() @ quant.dequantize(q, torch.float32).double().t()
     assert out.shape == (rows, 96) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
 
 
 # bof4/bof4s: per-block-size tables, and bof4s' negative (signed) scales through the same kernel
-@pytest.mark.parametrize("quant_type,blocksize", [("fp4", 32), ("int4", 128), ("bof4", 64), ("bof4s", 32), ("bof4s", 128)])
+@pytest.mark.parametrize("quant_type,blocksize",
+                         [("fp4", 32), ("int4", 128), ("bof4", 64), ("bof4s", 32), ("bof4s", 128)])
 def test_other_codebooks_and_blocksizes(k, quant_type, blocksize):
     q, nested = _q((40, 256), quant_type, True, blocksize)
     x = torch.randn(5, 256)
-    out = k.gemm_4bit(x, q.data, q.absmax, q.code, q.blocksize, tuple(q.shape), nested)
+    out = k.quant.gemm_4bit(x, q.data, q.absmax, q.code, q.blocksize, tuple(q.shape), nested)
     expected = x.double() @ quant.dequantize(q, torch.float32).double().t()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
 
@@ -48,9 +49,9 @@ def test_result_does_not_depend_on_thread_count(k):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = k.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested)
+        one = k.quant.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested)
         torch.set_num_threads(2)
-        two = k.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested)
+        two = k.quant.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -59,7 +60,7 @@ def test_result_does_not_depend_on_thread_count(k):
 def test_layouts_it_cannot_take_fall_back(k, monkeypatch):
     q, nested = _q((8, 100), blocksize=64)  # blocks straddle rows
     x = torch.randn(2, 100)
-    assert k.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested) is None
+    assert k.quant.gemm_4bit(x, q.data, q.absmax, q.code, 64, tuple(q.shape), nested) is None
     expected = x @ quant.dequantize(q, torch.float32).t()
     torch.testing.assert_close(kernels.matmul_4bit(x, q.data, q.absmax, q.code, 64, q.shape, nested), expected)
 

@@ -13,7 +13,7 @@ creates 0xffc00000 for 0 * inf and keeps one operand's NaN when two meet, and th
 to swap the operands of an add or an FMA; IEEE 754 does not fix those bits either.
 
 The "native" build is compared too where it is not AVX-512 (an AVX-512 build has its own kernels,
-checked against references within tolerance in test_decoding.py, test_gemm.py, tests/nn).
+checked against references within tolerance in test_llama_ops.py, test_gemm.py, tests/nn).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from qlora import quant
-from qlora.quant.decoding import DecodeLinears, block_keys, int8_screen
+from qlora.quant.fast.llama_structs import DecodeLinears, block_keys, int8_screen
 
 from conftest import kernel_build  # tests/conftest.py (tests/ is on sys.path: rootdir-style imports)
+from . import probes
 from .helpers import bits
 
 
@@ -83,7 +84,8 @@ def test_gemm_4bit(simd, portable, double_quant):
         if i % 2:
             _specials(x, g)
         args = (q.data, q.absmax, q.code, bs, (n_out, k), q.nested)
-        same(simd.gemm_4bit(x, *args), portable.gemm_4bit(x, *args), f"gemm_4bit {n_out}x{k} bs={bs} rows={rows}")
+        same(simd.quant.gemm_4bit(x, *args), portable.quant.gemm_4bit(x, *args),
+             f"gemm_4bit {n_out}x{k} bs={bs} rows={rows}")
 
 
 def _linear_spec(n, k, bs, r, g, bias=True, double_quant=True):
@@ -103,18 +105,19 @@ def test_decode_linear(simd, portable, lanes):
              (300, 256, 256, 3)]
     try:
         for build in (simd, portable):
-            build.decode_threads(lanes)
+            build.llama.decode_threads(lanes)
         for i, (n, k, bs, r) in enumerate(cases):
             g = _gen(10 + i)
             specs = DecodeLinears([_linear_spec(n, k, bs, r, g, bias=i % 2 == 0, double_quant=i % 3 != 2)])
             for x in (torch.randn(k, generator=g).bfloat16(), _specials(torch.randn(k, generator=g).bfloat16(), g)):
-                same(simd.decode_linears(specs, x, torch.empty(n)), portable.decode_linears(specs, x, torch.empty(n)),
+                same(simd.llama.decode_linears(specs, x, torch.empty(n)),
+                     portable.llama.decode_linears(specs, x, torch.empty(n)),
                      f"decode_linear n={n} k={k} bs={bs} r={r}")
     finally:
-        from qlora.quant import fast
+        from qlora.quant.fast.llama import default_decode_threads
 
         for build in (simd, portable):
-            build.decode_threads(fast.default_decode_threads())
+            build.llama.decode_threads(default_decode_threads())
 
 
 @pytest.mark.parametrize("n,k", [(1000, 576), (37, 100), (5, 32), (3, 7), (70, 79), (300, 128), (2, 1)])
@@ -125,7 +128,7 @@ def test_gemv_bf16(simd, portable, n, k):
         if special:
             _specials(w, g), _specials(x, g, 2)
         for rounded in (False, True):
-            same(simd.gemv_bf16(w, x, round_bf16=rounded), portable.gemv_bf16(w, x, round_bf16=rounded),
+            same(probes.gemv_bf16(simd, w, x, round_bf16=rounded), probes.gemv_bf16(portable, w, x, round_bf16=rounded),
                  f"gemv_bf16 {n}x{k} round={rounded} specials={special}")
 
 
@@ -137,7 +140,7 @@ def test_argmax_head_screen(simd, portable, n, k):
     screen = int8_screen(w)
     for seed in range(6):
         x = torch.randn(k, generator=_gen(seed)).bfloat16()
-        assert simd.argmax_gemv_bf16(w, screen, x) == portable.argmax_gemv_bf16(w, screen, x), (n, k, seed)
+        assert simd.llama.argmax_gemv_bf16(w, screen, x) == portable.llama.argmax_gemv_bf16(w, screen, x), (n, k, seed)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,length", [(9, 3, 64, 37), (4, 4, 16, 1), (8, 2, 24, 200),
@@ -153,7 +156,8 @@ def test_decode_attention(simd, portable, heads, kv_heads, dim, length):
     values = torch.randn(kv_heads, capacity, dim, generator=g).bfloat16()
     blocked = block_keys(keys)
     for scale in (dim ** -0.5, 8.0):  # 8: large scores, exp's underflow
-        out = [b.decode_attention(q, blocked, values, length, scale, torch.empty(heads, dim)) for b in (simd, portable)]
+        out = [b.llama.decode_attention(q, blocked, values, length, scale, torch.empty(heads, dim)) for b in (simd,
+                                                                                                              portable)]
         same(*out, f"attention h={heads} kv={kv_heads} d={dim} T={length} scale={scale}")
 
 
@@ -164,7 +168,7 @@ def test_exp(simd, portable, n):
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 88.72, 88.73, -87.3,
                              -103.9, -104.1, 1e-30, -1e-40, 0.5 * 0.6931471805599453, 89.0, -104.0])
     x[: min(n, len(specials))] = specials[: min(n, len(specials))]
-    same(simd.exp_(x.clone()), portable.exp_(x.clone()), f"exp n={n}")
+    same(probes.exp_(simd, x.clone()), probes.exp_(portable, x.clone()), f"exp n={n}")
 
 
 # ---- training ops -------------------------------------------------------------------------------
@@ -179,10 +183,11 @@ def test_rms_norm(simd, portable, rows, d):
         x[1] *= 1e30  # a row whose squares overflow: rstd 0
     w = (torch.rand(d, generator=g) + 0.5).bfloat16()
     dy = torch.randn(rows, d, generator=g).bfloat16()
-    (y1, r1), (y2, r2) = (b.rms_norm_forward(x, w, 1e-5) for b in (simd, portable))
+    (y1, r1), (y2, r2) = (b.train.rms_norm_forward(x, w, 1e-5) for b in (simd, portable))
     same(y1, y2, f"rms_norm y {rows}x{d}")
     same(r1, r2, f"rms_norm rstd {rows}x{d}")
-    same(simd.rms_norm_backward(dy, x, w, r2), portable.rms_norm_backward(dy, x, w, r2), f"rms_norm dx {rows}x{d}")
+    same(simd.train.rms_norm_backward(dy, x, w, r2), portable.train.rms_norm_backward(dy, x, w, r2),
+         f"rms_norm dx {rows}x{d}")
 
 
 @pytest.mark.parametrize("n", [5000, 17, 1, 53, 16, (1 << 14) + 7])
@@ -193,8 +198,8 @@ def test_swiglu(simd, portable, n):
     up, dh = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
     if n > 40:
         _specials(up, g, 3), _specials(gate, g, 3)
-    same(simd.swiglu_forward(gate, up), portable.swiglu_forward(gate, up), f"swiglu h n={n}")
-    (dg1, du1), (dg2, du2) = (b.swiglu_backward(dh, gate, up) for b in (simd, portable))
+    same(simd.train.swiglu_forward(gate, up), portable.train.swiglu_forward(gate, up), f"swiglu h n={n}")
+    (dg1, du1), (dg2, du2) = (b.train.swiglu_backward(dh, gate, up) for b in (simd, portable))
     same(dg1, dg2, f"swiglu dg n={n}")
     same(du1, du2, f"swiglu du n={n}")
 
@@ -209,7 +214,7 @@ def test_cross_entropy_rows(simd, portable, rows, v):
     targets = torch.randint(0, v, (rows,), generator=g)
     for grad in (False, True):
         z1, z2 = z.clone(), z.clone()
-        same(simd.cross_entropy_rows(z1, targets, grad), portable.cross_entropy_rows(z2, targets, grad),
+        same(simd.train.cross_entropy_rows(z1, targets, grad), portable.train.cross_entropy_rows(z2, targets, grad),
              f"cross_entropy loss {rows}x{v} grad={grad}")
         same(z1, z2, f"cross_entropy grad {rows}x{v}")
 
@@ -218,11 +223,13 @@ def test_cross_entropy_rows(simd, portable, rows, v):
 
 
 def test_llama_decode_step(simd, portable, tmp_path):
-    """qlora/decode.py's compiled step (norms, 4-bit projections with LoRA, rotary, attention, SiLU,
+    """qlora/decoder.py's compiled step (norms, 4-bit projections with LoRA, rotary, attention, SiLU,
     the output head and its greedy screen) gives the same logits and tokens in both builds."""
-    from qlora import decode, hf
+    from qlora import decoder, hf
+    from qlora.adapters import save_adapter
     from qlora.generate import load_model
-    from qlora.tiny import tiny_model, tiny_tokenizer
+    from qlora.nn.surgery import lora_layers
+    from tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama")
     with torch.no_grad():
@@ -232,13 +239,13 @@ def test_llama_decode_step(simd, portable, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     net, _ = hf.load(str(tmp_path / "model"), lora=dict(r=4, alpha=8, dropout=0.0))
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=_gen(1)) * 0.05
-    hf.save_adapter(net, str(tmp_path / "adapter"), str(tmp_path / "model"))
+    save_adapter(net, str(tmp_path / "adapter"), str(tmp_path / "model"))
     lm, _ = load_model(str(tmp_path / "model"), [str(tmp_path / "adapter")])
-    decoders = [decode.decoder(lm, 40), decode.decoder(lm, 40)]
+    decoders = [decoder.decoder(lm, 40), decoder.decoder(lm, 40)]
     if decoders[0] is None:
-        pytest.skip("decode.py does not take this model here")
+        pytest.skip("decoder.py does not take this model here")
     decoders[0].kernels, decoders[1].kernels = simd, portable
     tokens = [1, 5, 9, 2, 7] + [3] * 20
     for i, token in enumerate(tokens):

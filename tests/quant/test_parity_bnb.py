@@ -84,7 +84,8 @@ def test_parity_grid(kernel_path, dtype, quant_type, blocksize, double_quant):
     i = GRID.index((dtype, quant_type, blocksize, double_quant))
     gen = torch.Generator().manual_seed(i)
     for j, shape in enumerate(SHAPES):  # the families rotate, so every (shape, family) pair occurs
-        check_against_bnb(sample(shape, dtype, FAMILIES[(i + j) % len(FAMILIES)], gen), quant_type, blocksize, double_quant)
+        check_against_bnb(sample(shape, dtype, FAMILIES[(i + j) % len(FAMILIES)], gen), quant_type, blocksize,
+                          double_quant)
 
 
 @pytest.mark.parametrize("shape,dtype,quant_type,blocksize,double_quant,family", BIG,
@@ -139,7 +140,8 @@ def test_fp4_never_returns_negative_zero(kernel_path):
 @pytest.mark.parametrize("signed,blocksize", [(True, 256), (True, 2048), (False, 256), (False, 4096)])
 def test_8bit_blockwise_matches_bnb(kernel_path, signed, blocksize):
     gen = torch.Generator().manual_seed(blocksize + signed)
-    x = torch.cat([sample((50_000,), torch.float32, "heavy", gen), torch.zeros(blocksize), torch.randn(77, generator=gen)])
+    x = torch.cat([sample((50_000,), torch.float32, "heavy", gen), torch.zeros(blocksize),
+                   torch.randn(77, generator=gen)])
     x = x if signed else x.abs()
     code = dynamic_map(signed)
     q_bnb, state = F.quantize_blockwise(x, code=F.create_dynamic_map(signed=signed), blocksize=blocksize)

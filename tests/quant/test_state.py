@@ -131,7 +131,8 @@ def test_all_zero_tensor_dequantizes_to_exact_zeros(kernel_path, quant_type, dou
 def test_nan_and_inf_are_rejected(kernel_path):
     w = torch.randn(4, 64)
     w[1, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"contains NaN or Inf \(first in block 1, elements 64..127\); fix the weights"):
+    with pytest.raises(ValueError,
+                       match=r"contains NaN or Inf \(first in block 1, elements 64..127\); fix the weights"):
         qlora.quantize(w)
     w[1, 3] = float("-inf")
     with pytest.raises(ValueError, match=r"NaN or Inf \(first in block 2, elements 64..95\)"):

@@ -1,4 +1,4 @@
-// Attention of one query row over a KV cache for the decode step (llama_cpu.cpp; qlora/quant/fast.py
+// Attention of one query row over a KV cache for the decode step (llama_cpu.cpp; qlora/quant/fast/llama.py
 // through ctypes), and the vectorized exp it and the SiLU use. An AVX-512 version (the AVX512-BF16
 // build's) and one over simd16.h (AVX2, NEON, or scalar in the portable build), the same fp32
 // operations in the same order, so those three builds give the same bits (AVX-512 differs in exp

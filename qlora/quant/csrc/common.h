@@ -2,7 +2,7 @@
 // block scale, of the exp polynomial's constants, of which instruction set a build uses, and of
 // the 16-lane AVX-512 conversions and exp.
 //
-// Instruction sets, chosen at compile time by the target (fast.py: -march=native, or
+// Instruction sets, chosen at compile time by the target (fast/library.py: -march=native, or
 // QLORA_CPU_TARGET): AVX-512 kernels where the target has AVX-512 (QLORA_AVX512; decode's bf16 dot
 // products with AVX512-BF16, QLORA_GEMV_BF16); everything else is written once over the 16-lane
 // type of simd16.h, whose AVX2 (+FMA, F16C), NEON and scalar versions give the same bits.

@@ -5,7 +5,7 @@
 #include <cstdint>
 
 extern "C" {
-// One 4-bit linear (+ LoRA) of a decode step; fast.py's _DecodeLinear mirrors this layout.
+// One 4-bit linear (+ LoRA) of a decode step; qlora/quant/fast/llama_structs.py's _DecodeLinear mirrors this layout.
 struct QloraDecodeLinear {
   const uint8_t* packed;       // (n * k / 2) codes, element 2i in the high nibble of byte i
   const float* absmax;         // fp32 block scales, or null with Double Quantization:
@@ -22,7 +22,7 @@ struct QloraDecodeLinear {
 }
 
 extern "C" {
-// A llama-family model for llama_cpu.cpp's step; qlora/quant/decoding.py mirrors these two layouts.
+// A llama-family model for llama_cpu.cpp's step; qlora/quant/fast/llama_structs.py mirrors these two layouts.
 struct QloraLlamaLayer {
   const uint16_t* norm1;                 // input_layernorm weight (hidden) bf16
   const uint16_t* norm2;                 // post_attention_layernorm weight

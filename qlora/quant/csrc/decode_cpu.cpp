@@ -1,4 +1,4 @@
-// Kernels for one-token decode steps, called through ctypes (qlora/quant/fast.py; one library with
+// Kernels for one-token decode steps, called through ctypes (qlora/quant/fast/llama.py; one library with
 // the other csrc/*.cpp files) and from llama_cpu.cpp: a 4-bit linear with its LoRA branch, a bf16
 // matrix times a bf16 vector (the output head), and the argmax of that product through an int8
 // screen; attention is in attention_cpu.cpp. The products are gemv.h's: AVX512-BF16 dot products,
@@ -200,7 +200,7 @@ int qlora_gemv_simd(void) {
 }
 
 // `count` linears that share the input x (bf16, k): their outputs one after another in out (fp32).
-// Each needs k % bs == 0 and bs % 64 == 0 (fast.py checks).
+// Each needs k % bs == 0 and bs % 64 == 0 (llama_structs.py checks).
 void qlora_decode_linear(const QloraDecodeLinear* layers, int64_t count, const uint16_t* x, float* out) {
   for (int64_t i = 0; i < count; ++i) {
     qlora::decode_linear(layers[i], x, out);

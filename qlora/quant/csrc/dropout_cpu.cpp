@@ -1,5 +1,5 @@
 // Seeded dropout on CPU, called from qlora/nn/dropout.py through ctypes (built into the same
-// library as the other csrc/*.cpp; see qlora/quant/fast.py).
+// library as the other csrc/*.cpp; see qlora/quant/fast/library.py).
 //
 //   out[i] = keep(i) ? x[i] * scale : 0,   keep(i) = mix(i, seed) >= threshold
 //
@@ -118,7 +118,7 @@ void dropout_range(const void* x, void* out, int64_t lo, int64_t hi, int dtype, 
 
 extern "C" {
 
-// x, out: n contiguous elements, dtype 0 = fp32, 2 = bf16 (fast.py's numbering). out may alias x.
+// x, out: n contiguous elements, dtype 0 = fp32, 2 = bf16 (quant.h's enum Dtype). out may alias x.
 void qlora_dropout(const void* x, void* out, int64_t n, int dtype, uint32_t threshold, float scale, uint32_t seed,
                    int nthreads) {
   const int64_t chunk = int64_t(1) << 16;  // multiple of 16: every chunk but the last is all vector body

@@ -1,4 +1,4 @@
-// A 4-bit matrix times a few rows on CPU (qlora_gemm_4bit), called from qlora/quant/fast.py through
+// A 4-bit matrix times a few rows on CPU (qlora_gemm_4bit), called from qlora/quant/fast/quantize.py through
 // ctypes: decoding through Linear4bit without dequantizing the weight first.
 //
 // An AVX-512 version and one over simd16.h (AVX2, NEON, scalar) with the same order of fp32
@@ -18,7 +18,7 @@ namespace {
 // all M rows, where dequantize-then-matmul writes and re-reads a 16-bit copy of it. Each weight is
 // code · block scale in fp32 (the dequantized value before any 16-bit rounding); the dot products
 // accumulate in fp32, 16 lanes per row, in an order that differs from a BLAS matmul's.
-// Needs k % bs == 0 and bs % 16 == 0 (a block never straddles two rows); fast.py checks.
+// Needs k % bs == 0 and bs % 16 == 0 (a block never straddles two rows); quantize.py checks.
 template <int M>
 void gemm4_rows(const float* x, int64_t k, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
                 const float* nested_absmax, const float* code8, float offset, int64_t nested_bs, const float* code,

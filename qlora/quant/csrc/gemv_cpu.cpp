@@ -98,7 +98,7 @@ float dot16(const uint16_t* w, int64_t k, const float* x) {
 const float* gemv4_input(const uint16_t* x, int64_t k) {
   t_x4.resize(size_t(k));
   float* out = t_x4.data();
-  for (int64_t j = 0; j < k; j += 16)  // k % 64 == 0 (fast.py checks)
+  for (int64_t j = 0; j < k; j += 16)  // k % 64 == 0 (llama_structs.py checks)
     for (int i = 0; i < 8; ++i) {
       out[j + i] = bf16_to_float(x[j + 2 * i]);
       out[j + 8 + i] = bf16_to_float(x[j + 2 * i + 1]);

@@ -1,6 +1,6 @@
 // One decode step of a llama-family model (LlamaForCausalLM: RMSNorm, rotary, grouped-query
 // attention, SwiGLU) in one call: token in, logits out, keys and values appended to a cache.
-// qlora/decode.py describes the model (pointers into the HF modules' tensors) and keeps the
+// qlora/decoder.py describes the model (pointers into the HF modules' tensors) and keeps the
 // PyTorch version of this step, which is its definition and the tests' reference.
 //
 // Why in C++: at batch 1 the step is ~40 small ops per layer, and through PyTorch each costs a few

@@ -10,7 +10,7 @@
 
 namespace {
 
-enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };  // same numbering as fast.py and simd16.h's load_as
+enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };  // same numbering as fast/quantize.py and simd16.h's load_as
 // Below 2M elements (a quarter millisecond alone) one thread finishes: a team costs a wake-up, and
 // on a busy machine a member that is not scheduled stalls the call for a whole time slice (20 ms
 // measured on 2 shared cores, against 40 us for a 576x576 weight alone).

@@ -1,4 +1,4 @@
-// Blockwise 4-bit quantization and dequantization on CPU, called from qlora/quant/fast.py through
+// Blockwise 4-bit quantization and dequantization on CPU, called from qlora/quant/fast/quantize.py through
 // ctypes (one library with the other csrc/*.cpp files).
 //
 // The definition is the PyTorch reference in qlora/quant/blockwise.py; these kernels are
@@ -64,7 +64,7 @@ struct Code4 {
 
 #ifdef QLORA_AVX512
 // code4() for 16 lanes: the same 4-step binary search, branchless, with the bounds in registers.
-// No clamp: every bound lies strictly inside (-1, 1) (fast.py checks), so a value beyond +-1
+// No clamp: every bound lies strictly inside (-1, 1) (quantize.py checks), so a value beyond +-1
 // lands where +-1 does, and NaN still passes every bound (_CMP_NGE_UQ is true for NaN).
 inline __m512i code16(__m512 s, const Code4& c) {
   __m512i i = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(c.b7, s, _CMP_NGE_UQ), _mm512_set1_epi32(8));

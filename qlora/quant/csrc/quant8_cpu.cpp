@@ -1,5 +1,5 @@
 // Blockwise 8-bit quantization and dequantization on CPU (the optimizer states; bitsandbytes' CPU
-// semantics, see blockwise.quantize_8bit_ref), called from qlora/quant/fast.py through ctypes; and
+// semantics, see blockwise.quantize_8bit_ref), called from qlora/quant/fast/quantize.py through ctypes; and
 // what the library says about itself (which instruction set it uses).
 //
 // Bit-identical to the reference for the reasons quant4_cpu.cpp gives: an AVX-512 version and one

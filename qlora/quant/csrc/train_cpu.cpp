@@ -1,5 +1,5 @@
 // RMSNorm and SwiGLU for training, forward and backward, bf16, called through ctypes from
-// qlora/nn/fused.py (one library with the other csrc/*.cpp; see qlora/quant/fast.py); and the per-row
+// qlora/nn/fused.py (one library with the other csrc/*.cpp; see qlora/quant/fast/library.py); and the per-row
 // softmax cross-entropy of the chunked loss (qlora/nn/loss.py).
 //
 // transformers' LlamaRMSNorm runs six elementwise ops in fp32 and autograd keeps an fp32 copy of

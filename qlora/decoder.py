@@ -14,7 +14,7 @@ each projection, rotary, activations, residual adds, logits), with three differe
   - LoRA A and B are used as bf16 copies, as the training forward uses them (qlora/nn/lora.py);
     the fp32 product A·x enters B in full.
 `Decoder.reference_step` is the same step in PyTorch ops, readable, and the tests' reference. Logits
-match the model's own forward to a tolerance, not bit for bit (tests/test_decode.py): the same
+match the model's own forward to a tolerance, not bit for bit (tests/test_decoder.py): the same
 distance as between qlora's fused 4-bit kernel and dequantize-then-matmul.
 
 A model loaded in fp32 (`--compute-dtype auto` on a CPU without native bf16) decodes through the
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .nn import Linear4bit, LoRALinear
 from .quant import kernels
-from .quant.decoding import DecodeLinears, Llama, block_keys, int8_screen, unblock_keys
+from .quant.fast.llama_structs import DecodeLinears, Llama, block_keys, int8_screen, unblock_keys
 
 _ARCHS = ("llama",)
 _ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at init ("dynamic" changes with length)
@@ -75,7 +75,7 @@ class Plan:
 class Decoder:
     """One generation: the KV cache and the position. bf16 as the model's keys and values are;
     values (layers, kv heads, capacity, head dim), keys in blocks of 16 positions, transposed
-    (decoding.block_keys), for the kernel."""
+    (llama_structs.block_keys), for the kernel."""
 
     def __init__(self, plan: Plan, capacity: int):
         p = plan
@@ -103,14 +103,14 @@ class Decoder:
         """Logits (vocab,) for the token after `token`, which goes in at the current position: fp32
         holding bf16 values (the model's logits are bf16; argmax over fp32 is faster). The tensor is
         reused by the next step."""
-        self.kernels.llama_step(self.model, token, self.pos, self.logits)
+        self.kernels.llama.llama_step(self.model, token, self.pos, self.logits)
         self.pos += 1
         return self.logits
 
     def greedy(self, token: int) -> int:
         """The step for greedy decoding: the next token, int(step(token).argmax()) without the logits
         (exact: the int8 screen of the head only skips rows that cannot win)."""
-        best = self.kernels.llama_greedy(self.model, token, self.pos)
+        best = self.kernels.llama.llama_greedy(self.model, token, self.pos)
         self.pos += 1
         return best
 
@@ -157,7 +157,7 @@ class _Bf16Copies:
 
 def _head_screen(model, weight: torch.Tensor, head: torch.Tensor) -> tuple:
     """Greedy steps read an int8 copy of the bf16 head (half its bytes), and exact rows only where that
-    copy cannot decide (decoding.int8_screen: the argmax stays exact). Built once per head weight (0.6 s
+    copy cannot decide (llama_structs.int8_screen: the argmax stays exact). Built once per head weight (0.6 s
     for SmolLM2's 49152 x 576), kept apart from the Plan: a new adapter does not change the head."""
     cached = getattr(model, "_qlora_head_screen", None)
     if cached is None or cached[0] != _version(weight):
@@ -168,7 +168,7 @@ def _head_screen(model, weight: torch.Tensor, head: torch.Tensor) -> tuple:
 
 def _linear(k, specs: DecodeLinears, x: torch.Tensor) -> torch.Tensor:
     """The projections of `specs` on x (bf16), each output rounded to bf16 as a bf16 layer returns it."""
-    return k.decode_linears(specs, x.contiguous(), torch.empty(specs.n)).to(torch.bfloat16)
+    return k.llama.decode_linears(specs, x.contiguous(), torch.empty(specs.n)).to(torch.bfloat16)
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

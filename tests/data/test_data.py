@@ -26,9 +26,9 @@ from qlora.data import (
     split_train_val,
 )
 from qlora.errors import QloraError
-from qlora.tiny import tiny_tokenizer
+from tiny import tiny_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "instruct"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "instruct"
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 3", "output": "5"},
     {"instruction": "Say hi.", "input": "", "output": "hi"},

@@ -16,7 +16,7 @@ import pytest
 
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.serve import App, make_server, serve
-from qlora.tiny import save_tiny
+from tiny import save_tiny
 
 MODEL_ID = "tiny"
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
@@ -201,7 +201,8 @@ def test_sigint_stops_serve_cleanly(live):
 
 
 def test_serve_command_stops_on_sigterm_mid_stream(tiny_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "qlora", "serve", "--model", tiny_dir, "--port", "0", "--name", MODEL_ID],
+    proc = subprocess.Popen([sys.executable, "-m", "qlora", "serve", "--model", tiny_dir, "--port", "0", "--name",
+                             MODEL_ID],
                             stderr=subprocess.PIPE, text=True)
     try:
         port = None

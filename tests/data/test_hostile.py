@@ -10,7 +10,7 @@ import pytest
 
 from qlora.data import build_examples, read_dataset
 from qlora.errors import QloraError
-from qlora.tiny import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 

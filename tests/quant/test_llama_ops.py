@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from qlora import quant
-from qlora.quant.decoding import DecodeLinears, block_keys, int8_screen, unblock_keys
+from qlora.quant.fast.llama_structs import DecodeLinears, block_keys, int8_screen, unblock_keys
+
+from . import probes
+from .helpers import block_scales
 
 
 def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0, quant_type="nf4"):
@@ -42,7 +45,7 @@ def _expected(q, spec, x):
 def test_linear_matches_dequantize_then_matmul(k, double_quant, lora, bias, blocksize):
     q, spec = _linear(40, 384, blocksize, double_quant, lora, bias)
     x = torch.randn(384).bfloat16()
-    out = k.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
+    out = k.llama.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
     torch.testing.assert_close(out.double(), _expected(q, spec, x), rtol=0, atol=5e-5)
 
 
@@ -50,16 +53,16 @@ def test_linear_matches_dequantize_then_matmul(k, double_quant, lora, bias, bloc
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_linear_with_an_optimal_codebook(k, quant_type, double_quant):
     q, spec = _linear(40, 384, 128, double_quant, quant_type=quant_type)
-    assert bool((q.block_scales() < 0).any()) == (quant_type == "bof4s")
+    assert bool((block_scales(q) < 0).any()) == (quant_type == "bof4s")
     x = torch.randn(384).bfloat16()
-    out = k.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
+    out = k.llama.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
     torch.testing.assert_close(out.double(), _expected(q, spec, x), rtol=0, atol=5e-5)
 
 
 def test_linears_sharing_an_input_write_one_after_another(k):
     (q1, s1), (q2, s2), (q3, s3) = (_linear(n, 256, seed=i) for i, n in enumerate((64, 16, 48)))
     x = torch.randn(256).bfloat16()
-    out = k.decode_linears(DecodeLinears([s1, s2, s3]), x, torch.empty(128))
+    out = k.llama.decode_linears(DecodeLinears([s1, s2, s3]), x, torch.empty(128))
     expected = torch.cat([_expected(q, s, x) for q, s in ((q1, s1), (q2, s2), (q3, s3))])
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=5e-5)
 
@@ -79,18 +82,18 @@ def test_bad_inputs_are_refused(k):
     _, spec = _linear(16, 128)
     specs = DecodeLinears([spec])
     with pytest.raises(ValueError, match="bfloat16"):
-        k.decode_linears(specs, torch.randn(128), torch.empty(16))
+        k.llama.decode_linears(specs, torch.randn(128), torch.empty(16))
     with pytest.raises(ValueError, match="float32"):
-        k.decode_linears(specs, torch.randn(128).bfloat16(), torch.empty(8))
+        k.llama.decode_linears(specs, torch.randn(128).bfloat16(), torch.empty(8))
 
 
 @pytest.mark.parametrize("n,dim", [(1000, 576), (37, 100), (5, 32)])  # dim 100: a masked tail
 def test_bf16_gemv(k, n, dim):
     w, x = torch.randn(n, dim).bfloat16(), torch.randn(dim).bfloat16()
-    out = k.gemv_bf16(w, x)
+    out = probes.gemv_bf16(k, w, x)
     expected = w.double() @ x.double()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
-    rounded = k.gemv_bf16(w, x, round_bf16=True)
+    rounded = probes.gemv_bf16(k, w, x, round_bf16=True)
     assert torch.equal(rounded, rounded.bfloat16().float())
     assert (rounded.double() - expected).abs().max() <= expected.abs().max() * 2 ** -8
 
@@ -100,7 +103,7 @@ def test_attention_of_one_row(k, heads, kv_heads, dim, length):
     capacity = -(-(length + 5) // 16) * 16
     q = torch.randn(heads, dim)
     keys, values = torch.randn(kv_heads, capacity, dim).bfloat16(), torch.randn(kv_heads, capacity, dim).bfloat16()
-    out = k.decode_attention(q, block_keys(keys), values, length, dim ** -0.5, torch.empty(heads, dim))
+    out = k.llama.decode_attention(q, block_keys(keys), values, length, dim ** -0.5, torch.empty(heads, dim))
     expected = F.scaled_dot_product_attention(
         q.double().view(1, heads, 1, dim), keys[:, :length].double().unsqueeze(0),
         values[:, :length].double().unsqueeze(0), enable_gqa=True).view(heads, dim)
@@ -133,14 +136,14 @@ def test_greedy_head_is_the_argmax_of_the_rounded_logits(k):
         x = torch.randn(96, generator=torch.Generator().manual_seed(seed)).bfloat16()
         if seed % 4 == 0:
             x = (w[17].float() / w[17].float().norm() * 4).bfloat16()  # make row 17 (and its twins) win
-        expected = int(k.gemv_bf16(w, x, round_bf16=True).argmax())
-        assert k.argmax_gemv_bf16(w, screen, x) == expected
+        expected = int(probes.gemv_bf16(k, w, x, round_bf16=True).argmax())
+        assert k.llama.argmax_gemv_bf16(w, screen, x) == expected
 
 
 def test_two_lanes_equal_one_bit_for_bit(k):
     """Products of >= 64k weights are split by rows with a helper thread (decode_cpu.cpp): every
     output is one thread's sum in the same order, so the results are identical."""
-    from qlora.quant import fast
+    from qlora.quant.fast.llama import default_decode_threads
 
     _, spec = _linear(1000, 576, seed=3)  # split at row 496; the last LoRA block is partial
     linears = DecodeLinears([spec])
@@ -152,14 +155,14 @@ def test_two_lanes_equal_one_bit_for_bit(k):
     outs = []
     try:
         for lanes in (1, 2):
-            k.decode_threads(lanes)
+            k.llama.decode_threads(lanes)
             for seed in range(3):
                 x = torch.randn(576, generator=torch.Generator().manual_seed(seed)).bfloat16()
-                outs.append((k.decode_linears(linears, x, torch.empty(1000)), k.gemv_bf16(w, x),
-                             k.argmax_gemv_bf16(w, screen, x),
-                             k.decode_attention(q, block_keys(keys), values, 200, 0.125, torch.empty(8, 64))))
+                outs.append((k.llama.decode_linears(linears, x, torch.empty(1000)), probes.gemv_bf16(k, w, x),
+                             k.llama.argmax_gemv_bf16(w, screen, x),
+                             k.llama.decode_attention(q, block_keys(keys), values, 200, 0.125, torch.empty(8, 64))))
     finally:
-        k.decode_threads(fast.default_decode_threads())
+        k.llama.decode_threads(default_decode_threads())
     for one, two in zip(outs[:3], outs[3:]):
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and one[2] == two[2]
         assert torch.equal(one[3], two[3])

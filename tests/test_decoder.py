@@ -1,4 +1,4 @@
-"""qlora/decode.py: the compiled llama decode step against its PyTorch definition and against the
+"""qlora/decoder.py: the compiled llama decode step against its PyTorch definition and against the
 model's own forward; what falls back to the model's forward; the plan follows the weights.
 
 Tolerance against transformers' forward (teacher-forced, the same token history on both sides):
@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora import decode, hf
+from qlora import decoder, hf
+from qlora.adapters import save_adapter
 from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
-from qlora.tiny import save_tiny, tiny_model, tiny_tokenizer
+from qlora.nn.surgery import lora_layers
+from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 PROMPT = "Once upon a time, in a land far away"
 
@@ -34,9 +36,9 @@ def sharp_dirs(tmp_path_factory):
     tiny_tokenizer().save_pretrained(model_dir)
     net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(0)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
-    hf.save_adapter(net, str(root / "adapter"), model_dir)
+    save_adapter(net, str(root / "adapter"), model_dir)
     return model_dir, str(root / "adapter")
 
 
@@ -51,7 +53,7 @@ def _teacher_forced(model, ids, n):
     model's greedy path, n steps after the prompt."""
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        fast, ref = decode.decoder(model, len(ids) + n), decode.decoder(model, len(ids) + n)
+        fast, ref = decoder.decoder(model, len(ids) + n), decoder.decoder(model, len(ids) + n)
         fast.load(out.past_key_values, len(ids))
         ref.load(out.past_key_values, len(ids))
         cache, token, rows = out.past_key_values, int(out.logits[0, -1].argmax()), []
@@ -81,7 +83,7 @@ def test_fp32_model_decodes_through_the_step_within_bf16_rounding(sharp_dirs):
     """`--compute-dtype auto` loads fp32 where the CPU has no native bf16: its tokens take the step
     too, through bf16 copies of embeddings, norms and head (the model's own stay fp32)."""
     model, tok = load_model(sharp_dirs[0], [sharp_dirs[1]], compute_dtype="float32")
-    assert model.model.embed_tokens.weight.dtype == torch.float32 and decode.supported(model)
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and decoder.supported(model)
     rows = _teacher_forced(model, tok(PROMPT)["input_ids"], 40)
     scale = max(hf_logits.abs().max() for hf_logits, _, _ in rows)
     assert max((hf_logits - fast).abs().max() for hf_logits, fast, _ in rows) <= 0.03 * scale
@@ -94,7 +96,7 @@ def test_greedy_step_is_the_argmax_of_the_logits(sharp):
     ids = tok(PROMPT)["input_ids"]
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        full, greedy = decode.decoder(model, len(ids) + 30), decode.decoder(model, len(ids) + 30)
+        full, greedy = decoder.decoder(model, len(ids) + 30), decoder.decoder(model, len(ids) + 30)
         full.load(out.past_key_values, len(ids))
         greedy.load(out.past_key_values, len(ids))
         token = int(out.logits[0, -1].argmax())
@@ -109,14 +111,14 @@ def test_sample_takes_the_decoder_and_agrees_with_the_forward(sharp, monkeypatch
     model, tok = sharp
     ids = tok(PROMPT)["input_ids"]
     steps = []
-    real = decode.Decoder.greedy
-    monkeypatch.setattr(decode.Decoder, "greedy", lambda self, token: steps.append(token) or real(self, token))
+    real = decoder.Decoder.greedy
+    monkeypatch.setattr(decoder.Decoder, "greedy", lambda self, token: steps.append(token) or real(self, token))
     ours = list(sample(model, ids, GenerationSettings(), 20))
     assert len(steps) == 19  # every token after the first comes from the decoder's greedy step
     seeded = GenerationSettings(temperature=0.8, seed=3)
     assert list(sample(model, ids, seeded, 12)) == list(sample(model, ids, seeded, 12))  # sampling: full logits
     monkeypatch.setenv("QLORA_DECODE", "model")
-    assert decode.decoder(model, 100) is None
+    assert decoder.decoder(model, 100) is None
     theirs = list(sample(model, ids, GenerationSettings(), 20))
     assert ours[:8] == theirs[:8]  # greedy; a bf16 flip may part them later on a random model
 
@@ -126,7 +128,7 @@ def test_plan_follows_the_adapter_weights(sharp):
     ids = tok(PROMPT)["input_ids"]
     list(sample(model, ids, GenerationSettings(), 3))
     plan = model._qlora_decode_plan
-    lora = hf.lora_layers(model)
+    lora = lora_layers(model)
     with torch.no_grad():
         for layer in lora.values():
             layer.lora_B.weight.mul_(4)  # in place: the same tensors, new versions
@@ -146,7 +148,7 @@ def test_cache_capacity_is_enforced(sharp):
     ids = tok(PROMPT)["input_ids"]
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        d = decode.decoder(model, len(ids) + 1)
+        d = decoder.decoder(model, len(ids) + 1)
         d.load(out.past_key_values, len(ids))
         assert d.capacity % 16 == 0 and d.capacity >= len(ids) + 1  # rounded up to whole key blocks
         for _ in range(d.capacity - len(ids)):
@@ -158,16 +160,16 @@ def test_cache_capacity_is_enforced(sharp):
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3", "gpt2"])
 def test_other_architectures_use_the_models_forward(tmp_path, arch):
     model, _ = load_model(save_tiny(str(tmp_path / arch), arch))
-    assert decode.decoder(model, 64) is None
+    assert decoder.decoder(model, 64) is None
 
 
 def test_unquantized_and_dropout_layers_use_the_models_forward(tmp_path, sharp):
     model_dir = save_tiny(str(tmp_path / "llama"))
-    assert decode.supported(load_model(model_dir)[0])
-    assert not decode.supported(hf.load(model_dir, quant_type="bf16")[0])
+    assert decoder.supported(load_model(model_dir)[0])
+    assert not decoder.supported(hf.load(model_dir, quant_type="bf16")[0])
     training, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.1))
-    assert not decode.supported(training.train())
-    assert decode.supported(training.eval())  # dropout is off in eval mode
+    assert not decoder.supported(training.train())
+    assert decoder.supported(training.eval())  # dropout is off in eval mode
 
 
 @pytest.mark.slow

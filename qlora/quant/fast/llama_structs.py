@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from .fast import _scale_args
+from .quantize import _scale_args
 
 
 class _DecodeLinear(ctypes.Structure):
@@ -56,7 +56,9 @@ class DecodeLinears:
         r = 0 if lora_a is None else lora_a.shape[0]
         if r and (tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r)):
             raise ValueError(f"LoRA A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit {tuple(shape)}")
-        bf16 = (lambda t: None if t is None else t.detach().to(torch.bfloat16).contiguous())
+        def bf16(t):
+            return None if t is None else t.detach().to(torch.bfloat16).contiguous()
+
         return _DecodeLinear(
             self._ptr(packed.contiguous()), self._ptr(a32), self._ptr(qa), self._ptr(nested_absmax),
             self._ptr(code8), self._ptr(code.float().contiguous()),

@@ -22,8 +22,9 @@ from qlora.export import export, merge
 from qlora.export.files import ShardWriter
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.nn import Linear4bit
+from qlora.nn.surgery import quant_of
 from qlora.quant import dequantize, quantize
-from qlora.tiny import save_tiny, save_tiny_adapter
+from tiny import save_tiny, save_tiny_adapter
 from quant.helpers import bnb_canonical  # tests/quant/helpers.py
 
 TEXT = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nhé<|im_end|>"
@@ -101,7 +102,8 @@ def test_requantized_merge_reports_the_error(tiny, tmp_path):
     assert report["layers_requantized"] == 14 and report["eval_tokens"] > 100
     assert report["max_abs_logit_delta"] > report["mean_abs_logit_delta"] > 0  # re-quantizing moves outputs
     assert report["adapter_mean_abs_logit_effect"] > 0 and report["perplexity_base"] != report["perplexity_merged"]
-    assert report["perplexity_delta"] == pytest.approx(report["perplexity_requantized"] - report["perplexity_merged"], abs=1e-3)
+    assert report["perplexity_delta"] == pytest.approx(report["perplexity_requantized"] - report["perplexity_merged"],
+                                                       abs=1e-3)
     # the stored codes are exactly quantize(dequant(base) + s·BA) of the fp32 merge
     live, _ = load_model(tiny[0], [tiny[1]], compute_dtype=torch.float32)
     merged = live.model.layers[0].self_attn.q_proj.merge(torch.float32).weight
@@ -141,7 +143,7 @@ def test_bnb_export_refuses_formats_bitsandbytes_lacks(tmp_path, quant_type):
 def test_merge_and_gguf_of_an_optimal_codebook_base(tiny, tmp_path, quant_type):
     """bitsandbytes cannot hold bof4, but the 16-bit merge and GGUF (which dequantize) can."""
     live, tok = load_model(tiny[0], [tiny[1]], quant_type=quant_type, compute_dtype=torch.float32)
-    assert live.qlora_quant["quant_type"] == quant_type
+    assert quant_of(live).quant_type == quant_type
     merge(tiny[0], [tiny[1]], str(tmp_path / "merged"), "fp32", quant_type=quant_type)
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     want = logits(live, tok)
@@ -208,10 +210,12 @@ def test_failed_write_leaves_nothing_and_existing_outputs_are_kept(tiny, tmp_pat
 
 
 def test_merge_and_export_commands(tiny, tmp_path, capsys):
-    assert main(["merge", "--model", tiny[0], "--adapter", tiny[1], "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    assert main(["merge", "--model", tiny[0], "--adapter", tiny[1], "--output", str(tmp_path / "m"),
+                 "--dtype", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "transformers"
     assert Path(tmp_path / "m" / "model.safetensors").is_file()
     assert main(["export", "--format", "peft", "--model", tiny[0], "--output", str(tmp_path / "p")]) == 2
     assert "exactly one --adapter" in capsys.readouterr().err
-    assert main(["merge", "--model", tiny[0], "--adapter", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert main(["merge", "--model", tiny[0], "--adapter", str(tmp_path / "nope"),
+                 "--output", str(tmp_path / "x")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Tiny random causal LMs and a byte-level tokenizer, built offline from a transformers config.
 
 Used by the test suite, the kill/resume script and anyone who wants to try qlora without weights:
-`python -m qlora.tiny DIR --arch llama` writes a loadable model directory.
+`python -m tiny DIR --arch llama` writes a loadable model directory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 
 # ChatML, as SmolLM2-Instruct uses it.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -83,15 +84,17 @@ def save_tiny(path: str, arch: str = "llama", seed: int = 0) -> str:
 
 def save_tiny_adapter(root, arch: str = "llama", seed: int = 0) -> tuple[str, str]:
     """A tiny model dir and a non-trivial PEFT adapter for it (lora_B random, so it changes outputs)."""
-    from . import hf
+    from qlora import hf
+    from qlora.adapters import save_adapter
+    from qlora.nn.surgery import lora_layers
 
     model_dir = save_tiny(str(root / f"model-{arch}"), arch)
     net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(seed)
-    for layer in hf.lora_layers(net).values():
+    for layer in lora_layers(net).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
     adapter_dir = str(root / f"adapter-{arch}")
-    hf.save_adapter(net, adapter_dir, model_dir)
+    save_adapter(net, adapter_dir, model_dir)
     return model_dir, adapter_dir
 
 
