@@ -15,15 +15,17 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .errors import QloraError
 from .precision import spelled
 from .quant.spec import DEFAULT as QUANT_DEFAULT, QuantSpec
 
 QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bof4", "bof4s", "bf16"]
+ChatFormat = Literal["auto", "tokenizer", "guanaco", "alpaca", "chatml"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text"]
+DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text", "dolly", "input_output", "chip2",
+                     "hh_rlhf", "unnatural", "flan"]
 
 
 class ConfigError(QloraError, ValueError):
@@ -70,10 +72,25 @@ class TrainConfig:
     """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and
     export fold it in."""
     # ---- data ----
-    data: Optional[str] = None
-    """Training file (json/jsonl/csv/parquet) or load_from_disk dir. Default: the built-in demo task."""
+    data: Optional[Union[str, list[str]]] = None
+    """Training file (json/jsonl/csv/parquet), load_from_disk dir or hub name (org/name[:split]); several make a
+    mixture, each optionally :WEIGHT (0.7) or :COUNT (2000). Default: the built-in demo task."""
     data_format: DataFormat = "auto"
-    """Row shape: alpaca, guanaco, chat (messages), completion (prompt/completion), text; auto-detected."""
+    """Row shape (auto-detected): alpaca, dolly, input_output, completion, flan, unnatural, chat (messages),
+    guanaco, chip2, hh_rlhf, text."""
+    prompt_field: Optional[str] = None
+    """Column holding the prompt, for any other schema (with response_field; rendered as chat)."""
+    response_field: Optional[str] = None
+    """Column holding the answer to learn (with prompt_field)."""
+    system_field: Optional[str] = None
+    """Column holding a system prompt (optional, with prompt_field and response_field)."""
+    columns: Optional[str] = None
+    """The three mappings as one option: prompt=COL,response=COL[,system=COL]."""
+    chat_format: ChatFormat = "auto"
+    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto:
+    tokenizer's if any, else guanaco)."""
+    packing: bool = False
+    """Pack several examples per row (attention and positions restart at each example; fewer pad tokens)."""
     max_seq_len: int = 512
     """Maximum tokens per example (source + target)."""
     max_source_len: int = 384
@@ -175,6 +192,11 @@ def _coerce(key: str, value, tp):
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
+        if isinstance(value, (list, tuple)) and list[str] in args:  # data: several sources
+            items = [_coerce(f"{key}[{i}]", v, str) for i, v in enumerate(value)]
+            if not items:
+                raise ConfigError(f"{key}: an empty list")
+            return items[0] if len(items) == 1 else items
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
         value = spelled(value) if isinstance(value, str) else value  # bf16 -> bfloat16 ...

@@ -152,7 +152,7 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
         step = llama_decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
         if step is not None:
-            step.load(out.past_key_values, len(ids))
+            step.load(out.cache, len(ids))
     logits, token = out.logits[0, -1], None
     for i in range(budget):
         if cancel and cancel():
@@ -166,7 +166,7 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
                 elif step is not None:
                     logits = step.step(token)
                 else:
-                    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
+                    out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache,
                                 use_cache=True)
                     logits = out.logits[0, -1]
 

@@ -5,7 +5,6 @@ log, evaluate, checkpoint). No callbacks: to change the loop, change the loop.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -57,7 +56,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if cfg.data is None:
         raise QloraError("data: no training file given (the built-in demo is run by `qlora train` with no --data)")
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
-    rows, fmt = data.read_dataset(cfg.data, cfg.data_format)  # errors name file:line before the model loads
+    sources = data.read_sources(cfg)  # errors name file:line before the model loads
     cfg.compute_dtype = resolve_compute_dtype(cfg, device)  # concrete from here on: checkpoints record it
     if model is None:
         from .memory import preflight, return_freed_memory
@@ -80,15 +79,11 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         return_freed_memory()
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
-    examples, stats = data.build_examples(
-        rows, fmt, tokenizer, max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
-        max_seq_len=cfg.max_seq_len, train_on_source=cfg.train_on_source, source=cfg.data,
-    )
-    train_set, val_set = data.split_train_val(examples, cfg.val_fraction, cfg.seed)
-    if not train_set:
-        raise QloraError(f"{cfg.data}: no training examples left after the validation split")
-    print(f"data: {cfg.data} ({fmt}): {stats.summary()}")
-    return Run(cfg, model, tokenizer, train_set, val_set, device, dict(dataclasses.asdict(stats), format=fmt))
+    train_set, val_set, stats = data.build_mixture(sources, tokenizer, cfg)  # one source: the unmixed run
+    if cfg.packing:
+        n, train_set = len(train_set), data.pack(train_set, cfg.max_seq_len)
+        print(f"packing: {n} examples in {len(train_set)} rows of up to {cfg.max_seq_len} tokens")
+    return Run(cfg, model, tokenizer, train_set, val_set, device, stats)
 
 
 def resolve_compute_dtype(cfg: TrainConfig, device) -> str:
@@ -133,8 +128,8 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     logits, and the fp32 upcast covers (targets × vocab), not (batch × length × vocab)."""
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+    inputs = data.model_inputs(batch, model.get_input_embeddings().weight.dtype)  # packed: block-diagonal mask
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1][mask]  # (N, H)
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)  # cap: Gemma
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
@@ -223,6 +218,9 @@ def fit(run: Run, progress: bool = True) -> dict:
         ckpt = checkpoint.find_resume(cfg.output_dir, cfg.resume)
         state, opt_tensors, rng_tensors = checkpoint.load(ckpt)
         _check_compatible(state, cfg, ckpt)
+        if state.get("data_digest") not in (None, run.data_stats.get("digest")):  # same files, mixture, seed
+            raise QloraError(f"{ckpt}: the training examples differ from the checkpoint's (data, mixture, columns "
+                             "or lengths changed); resume with the same data and settings")
         adapters.load_weights(model, ckpt)
         opt.load_state(opt_tensors, state["optimizer"])
         checkpoint.set_rng_state(rng_tensors, state["rng"])
@@ -303,14 +301,15 @@ def fit(run: Run, progress: bool = True) -> dict:
                 if main:  # the other ranks hold the same state; they wait so that none runs ahead of it
                     last_good = str(checkpoint.save(
                         ckpt_root, step, lambda d: adapters.save_adapter(model, d, cfg.model), opt,
-                        dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), qlora_version=__version__),
+                        dict(epoch=epoch, cursor=cursor, config=to_dict(cfg), data_digest=run.data_stats.get("digest"),
+                             qlora_version=__version__),
                         cfg.save_total_limit))
                 distributed.barrier()
     bar.close()
     opt_stats = opt.stats()  # state size, and what paging cost: bytes in/out, evictions, stall time
     opt.close()
     if main:
-        _publish_adapter(model, out, cfg)
+        _publish_adapter(model, out, cfg, run.data_stats.get("chat_format"))
         _plot(metrics_path, out / "loss.png")
         if opt_stats.get("bytes_out"):
             print(f"optimizer {opt_stats['kind']}: {opt_stats['state_bytes'] / 2**20:.1f} MiB of state, paged "
@@ -336,14 +335,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
-def _publish_adapter(model, out: Path, cfg: TrainConfig) -> None:
-    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN."""
+def _publish_adapter(model, out: Path, cfg: TrainConfig, chat_format: str | None = None) -> None:
+    """Write the final adapter next to metrics.jsonl, each file replaced atomically, never NaN; with
+    the chat format its data taught (data.chat.RECORD: generate, chat and serve use it by default)."""
     for name, t in adapters.adapter_state_dict(model).items():
         if not torch.isfinite(t).all():
             raise QloraError(f"adapter weight {name} is not finite; the final adapter was not written")
     tmp = out / f".adapter-tmp-{os.getpid()}"
     adapters.save_adapter(model, str(tmp), cfg.model)
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
+    if chat_format:
+        (tmp / data.chat.RECORD).write_text(json.dumps({"chat_format": chat_format}) + "\n", encoding="utf-8")
+    elif (out / data.chat.RECORD).exists():
+        (out / data.chat.RECORD).unlink()  # a previous run's record would not describe this adapter
+    for f in ("adapter_model.safetensors", "adapter_config.json") + ((data.chat.RECORD,) if chat_format else ()):
         os.replace(tmp / f, out / f)
     tmp.rmdir()
 

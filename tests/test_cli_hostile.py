@@ -39,7 +39,7 @@ def test_bad_data_file(tiny_llama, tmp_path, capsys, name, content, expected):
     out = tmp_path / "out"
     rc, err = _run(capsys, "train", "--model", tiny_llama, "--data", str(path), "--output-dir", str(out))
     _assert_one_line_error(rc, err, out, str(path))
-    assert re.search(expected, err.split(str(path), 1)[1]), err
+    assert re.search(expected, err.split("qlora train: error: " + str(path), 1)[1]), err  # after the format report
 
 
 def _good_data(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_args, add_sampling_args, load_from, settings_from
+from .options import add_chat_format_arg, add_model_args, add_sampling_args, load_from, settings_from
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message at the start of every conversation")
     add_model_args(p)
     add_sampling_args(p)
+    add_chat_format_arg(p)
     p.set_defaults(func=run)
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import QloraError
-from .options import ADAPTER_HELP, add_model_args, add_sampling_args, load_from, settings_from
+from .options import ADAPTER_HELP, add_chat_format_arg, add_model_args, add_sampling_args, load_from, settings_from
 
 
 def add_quant_args(p: argparse.ArgumentParser, adapters: bool = True, quant: bool = True) -> None:
@@ -39,6 +39,9 @@ def register(sub) -> None:
     for add in (_register_perplexity, _register_choice, _register_mmlu, _register_datatypes, _register_generate,
                 _register_judge, _register_elo, _register_compare):
         add(verbs)
+    from . import eval_score  # single-answer scores vs a reference (its own file: this one is full)
+
+    eval_score.register(verbs)
     p.set_defaults(func=lambda args: _help(p))
 
 
@@ -229,6 +232,7 @@ def _register_generate(verbs) -> None:
     p.add_argument("--name", help="system name recorded in the answers (default: the adapter's directory name, or 'base')")
     add_quant_args(p)
     add_sampling_args(p)
+    add_chat_format_arg(p)
     # one prompt at a time (qlora.generate decodes one conversation): no --batch-size
     add_common(p, "first N prompts", batch_size=None,
                output=("FILE.jsonl", "where to write the answers, one JSON object per line (required)"))

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import QloraError
-from .options import add_model_args, add_sampling_args, load_from, settings_from
+from .options import add_chat_format_arg, add_model_args, add_sampling_args, load_from, settings_from
 
 
 def register(sub) -> None:
@@ -25,6 +25,7 @@ def register(sub) -> None:
                    help="system message before each prompt (a \"messages\" row with its own system message keeps it)")
     add_model_args(p)
     add_sampling_args(p)
+    add_chat_format_arg(p)
     p.set_defaults(func=run)
 
 

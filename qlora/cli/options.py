@@ -9,6 +9,7 @@ import sys
 import typing
 
 from ..config import QuantType
+from ..data.chat import CHAT_FORMATS, install
 from ..errors import QloraError
 from ..generate import GenerationSettings
 from ..precision import CHOICES as DTYPE_CHOICES, NAMES as DTYPE_NAMES, spelled
@@ -85,8 +86,19 @@ def load_from(args, adapters: list[str] | None = None):
     model, tokenizer = load_model(args.model, adapters, compute_dtype=args.dtype, device=device,
                                   **quant_overrides(args))
     extra = f" + {len(adapters)} adapter(s)" if adapters else ""
-    print(f"loaded {model.qlora_source} ({quant_of(model).name}{extra}, {args.dtype})", file=sys.stderr, flush=True)
+    chat = ""
+    if hasattr(args, "chat_format"):  # verbs that render chats: the format is installed on the tokenizer
+        chat = f"; chat format {install(tokenizer, args.chat_format, adapters)}"
+    print(f"loaded {model.qlora_source} ({quant_of(model).name}{extra}, {args.dtype}){chat}", file=sys.stderr,
+          flush=True)
     return model, tokenizer
+
+
+def add_chat_format_arg(p: argparse.ArgumentParser) -> None:
+    """--chat-format for the verbs that render chats (generate, chat, serve, eval generate)."""
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, default="auto",
+                   help="auto (the adapter's recorded format, else the tokenizer's template, else guanaco), "
+                   "tokenizer, guanaco, alpaca or chatml (default: auto)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,11 +113,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string, not included in the answer (repeatable)")
     p.add_argument("--seed", type=int, default=d.seed, help="sampler seed: same seed, same text (default: random)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named sampling settings: vicuna = the paper's Vicuna-benchmark generation, nucleus "
+                   "sampling top-p 0.9 at temperature 0.7 (--temperature/--top-p other than their defaults win)")
+
+
+# The QLoRA paper's generation settings for the Vicuna benchmark (Sec. 5.3): nucleus sampling.
+PRESETS = {"vicuna": {"temperature": 0.7, "top_p": 0.9}}
 
 
 def settings_from(args) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+    d, chosen = GenerationSettings(), {"temperature": args.temperature, "top_p": args.top_p}
+    for key, value in PRESETS.get(getattr(args, "preset", None), {}).items():
+        if chosen[key] == getattr(d, key):  # a flag left at its default takes the preset's value
+            chosen[key] = value
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, top_k=args.top_k, stop=tuple(args.stop),
+                              seed=args.seed, **chosen)
 
 
 def add_output_dir_arg(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:

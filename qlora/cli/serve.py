@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .options import add_model_args, load_from
+from .options import add_chat_format_arg, add_model_args, load_from
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
                    help="largest max_tokens a request may ask for (default: the model's context length)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model before 503 (default: 16)")
     add_model_args(p)
+    add_chat_format_arg(p)
     p.set_defaults(func=run)
 
 

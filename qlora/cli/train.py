@@ -30,6 +30,8 @@ def register(sub) -> None:
         helptext = f"{docs.get(f.name, '')} (default: {default})"
         if f.name == "resume":
             p.add_argument(*flags, nargs="?", const="latest", metavar="DIR", help=helptext)
+        elif f.name == "data":  # several sources make a mixture: --data a.jsonl:0.7 b.jsonl:0.3
+            p.add_argument(*flags, nargs="+", metavar="SOURCE", help=helptext)
         elif tp is bool:
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, help=helptext)
         else:

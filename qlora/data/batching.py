@@ -85,6 +85,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids (B, T), labels (B, T) with -100 on padding, attention_mask (B, T).
 
     pad_id only fills positions the mask hides and the labels skip (use pad_token_id, or eos when None).
+    Packed rows (packing.pack) also get position_ids and seq_ids (0 on padding).
     """
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -95,4 +96,10 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[b, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
         attention_mask[b, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "seq_ids" in examples[0]:
+        for key in ("position_ids", "seq_ids"):
+            out[key] = torch.zeros((len(examples), width), dtype=torch.long)
+            for b, e in enumerate(examples):
+                out[key][b, : len(e[key])] = torch.tensor(e[key], dtype=torch.long)
+    return out

@@ -6,12 +6,14 @@ tokens and are -100 on prompt tokens (unless train_on_source), `row` is the sour
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import QloraError
-from .formats import FORMATS, detect_format, render, validate_rows
+from .chat import resolve_chat_format
+from .formats import FORMATS, describe, detect_format, render, render_all, validate_rows
 from .load import load_rows, where
 
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
@@ -48,13 +50,16 @@ class DataStats:
 def read_dataset(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Load rows, detect the format when `fmt` is 'auto', and validate every row for it."""
     rows = load_rows(path)
-    fmt = detect_format(rows, path) if fmt == "auto" else fmt
+    if fmt == "auto":
+        fmt = detect_format(rows, path)
+        print(f"{path}: detected the {describe(fmt)} format (set data_format to override)", file=sys.stderr)
     validate_rows(rows, fmt, path)
     return rows, fmt
 
 
 def build_examples(rows: list[dict], fmt: str, tokenizer, max_source_len: int, max_target_len: int,
-                   max_seq_len: int, train_on_source: bool = False, source: str = "data") -> tuple[list[dict], DataStats]:
+                   max_seq_len: int, train_on_source: bool = False, source: str = "data",
+                   chat_format: str = "auto") -> tuple[list[dict], DataStats]:
     """Tokenize rows; prompt pieces are cut from the left to max_source_len, each answer (+EOS) from the
     right to max_target_len, then the whole example from the right to max_seq_len.
 
@@ -62,34 +67,43 @@ def build_examples(rows: list[dict], fmt: str, tokenizer, max_source_len: int, m
     answer is gone after truncation is dropped and counted; if nothing is left, that is an error.
     """
     validate_rows(rows, fmt, source)
-    prefix = [] if fmt == "chat" else _special_prefix(tokenizer)  # chat templates write their own BOS
+    chat_format = resolve_chat_format(chat_format, tokenizer)
+    prefix = _prefix(fmt, chat_format, tokenizer)
     eos = _eos_id(tokenizer, source)
     target_len = max_seq_len if fmt == "text" else max_target_len
     stats, examples = DataStats(rows=len(rows)), []
     for i, row in enumerate(rows):
-        segments = render(row, fmt, tokenizer, lambda: where(rows, i, source))
-        if not any(is_target for _, is_target in segments):
-            stats.empty += 1
-            continue
-        pieces = _tokenize(tokenizer, segments, prefix, eos)
-        ids, is_target, cut = _truncate(pieces, len(prefix), max_source_len, target_len, max_seq_len)
-        if not any(is_target):
-            stats.dropped += 1
-            continue
-        for key, was_cut in cut.items():
-            setattr(stats, f"truncated_{key}", getattr(stats, f"truncated_{key}") + was_cut)
-        stats.truncated += any(cut.values())
-        labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
-        examples.append({"input_ids": ids, "labels": list(labels), "row": i})
-        stats.tokens += len(ids)
-        stats.target_tokens += sum(is_target)
+        for segments in render_all(row, fmt, tokenizer, lambda: where(rows, i, source), chat_format):
+            example = _example(tokenizer, segments, prefix, eos, (max_source_len, target_len, max_seq_len),
+                               train_on_source, stats)
+            if example is not None:
+                examples.append(dict(example, row=i))
     stats.examples = len(examples)
     if not examples:
-        if stats.empty == len(rows):
+        if not stats.dropped:
             raise QloraError(f"{source}: all {len(rows)} rows have an empty answer; nothing to train on")
         raise QloraError(f"{source}: all {len(rows)} rows were truncated away; raise max_target_len/max_seq_len "
                          f"(now {max_target_len}/{max_seq_len}) or lower max_source_len ({max_source_len})")
     return examples, stats
+
+
+def _example(tokenizer, segments, prefix, eos, limits, train_on_source: bool, stats: DataStats) -> dict | None:
+    """One tokenized example with its labels, or None (counted in stats) when it has no answer left."""
+    if not any(is_target for _, is_target in segments):
+        stats.empty += 1
+        return None
+    pieces = _tokenize(tokenizer, segments, prefix, eos)
+    ids, is_target, cut = _truncate(pieces, len(prefix), *limits)
+    if not any(is_target):
+        stats.dropped += 1
+        return None
+    for key, was_cut in cut.items():
+        setattr(stats, f"truncated_{key}", getattr(stats, f"truncated_{key}") + was_cut)
+    stats.truncated += any(cut.values())
+    stats.tokens += len(ids)
+    stats.target_tokens += sum(is_target)
+    labels = ids if train_on_source else [t if m else IGNORE_INDEX for t, m in zip(ids, is_target)]
+    return {"input_ids": ids, "labels": list(labels)}
 
 
 def _tokenize(tokenizer, segments, prefix: list[int], eos: int) -> list[tuple[list[int], bool]]:
@@ -122,6 +136,11 @@ def _truncate(pieces, n_prefix: int, max_source: int, max_target: int, max_seq: 
     return ids, mask, cut
 
 
+def _prefix(fmt: str, chat_format: str, tokenizer) -> list[int]:
+    # the tokenizer's chat template writes its own BOS; named templates and the other formats do not
+    return [] if fmt == "chat" and chat_format == "tokenizer" else _special_prefix(tokenizer)
+
+
 def _special_prefix(tokenizer) -> list[int]:
     """Tokens the tokenizer puts in front of any text by itself (Llama's BOS; nothing for ChatML models)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -139,19 +158,21 @@ def _eos_id(tokenizer, source: str) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def prompt_and_reference(row: dict, fmt: str, tokenizer, source: str = "data") -> tuple[list[int], str]:
+def prompt_and_reference(row: dict, fmt: str, tokenizer, source: str = "data",
+                         chat_format: str = "auto") -> tuple[list[int], str]:
     """Prompt token ids for the row's last answer (exactly as training renders them) and that answer's text.
 
     For scoring generations, e.g. the demo task's held-out exact match.
     """
     if fmt not in FORMATS or fmt == "text":
         raise QloraError(f"{source}: format {fmt!r} has no prompt/answer split to evaluate")
-    segments = render(row, fmt, tokenizer, lambda: source)
+    chat_format = resolve_chat_format(chat_format, tokenizer)
+    segments = render(row, fmt, tokenizer, lambda: source, chat_format)
     last = max((i for i, (_, is_target) in enumerate(segments) if is_target), default=None)
     if last is None:
         raise QloraError(f"{source}: the row has no non-empty answer to evaluate")
     prompt = [t for ids, _ in _tokenize(tokenizer, segments[:last], [], _eos_id(tokenizer, source)) for t in ids]
-    prefix = [] if fmt == "chat" else _special_prefix(tokenizer)
+    prefix = _prefix(fmt, chat_format, tokenizer)
     if fmt == "chat":  # the reference is the raw message, not its rendering with end-of-turn tokens
         reference = [m for m in row["messages"] if m["role"] == "assistant" and m["content"].strip()][-1]["content"]
     else:

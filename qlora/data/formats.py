@@ -1,4 +1,4 @@
-"""Row shapes (alpaca, guanaco, chat, completion, text): detection, validation, and rendering.
+"""Row shapes: detection, validation, and rendering to (text, is_target) segments.
 
 A row renders to *segments*: `(text, is_target)` pieces in order. Prompt pieces get label -100,
 target pieces are learned and end with EOS. Rendering to pieces (instead of one string plus
@@ -7,16 +7,19 @@ character offsets) keeps the mask exact, and matches inference, where the prompt
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import get_args
 
 from ..config import DataFormat
 from ..errors import QloraError
+from .chat import merge, render_chat, validate_chat
 from .load import type_name, where
+from .turns import ASSISTANT, HUMAN, MARKED, render_turns
 
 FORMATS = tuple(f for f in get_args(DataFormat) if f != "auto")  # the config's Literal is the one list
 Segments = list[tuple[str, bool]]
+__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "ASSISTANT", "FORMATS", "HUMAN", "detect_format", "describe",
+           "render", "render_all", "validate_rows"]
 
 # Stanford Alpaca's prompt (Taori et al. 2023), as artidoro/qlora uses it.
 ALPACA_PROMPT = (
@@ -29,42 +32,62 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
-_TURN = re.compile(r"(### Human:|### Assistant:)")
 
-# format -> (required string keys, optional string keys); chat is checked separately.
-_KEYS = {
-    "alpaca": (("instruction", "output"), ("input",)),
-    "completion": (("prompt", "completion"), ()),
-    "guanaco": (("text",), ()),
-    "text": (("text",), ()),
+# format -> (required keys, optional keys, what it is); the keys are strings except where noted.
+SHAPES = {
+    "alpaca": (("instruction", "output"), ("input",), "Stanford Alpaca"),
+    "dolly": (("instruction", "response"), ("context",), "Databricks Dolly"),
+    "input_output": (("input", "output"), (), "the paper's input-output format, Longform"),
+    "completion": (("prompt", "completion"), (), "prompt + completion"),
+    "flan": (("inputs", "targets"), (), "FLAN-style"),
+    "unnatural": (("instruction", "instances"), (), "Unnatural Instructions; instances: [{input, output}]"),
+    "chat": (("messages",), (), "messages: [{role, content}] with the tokenizer's chat template"),
+    "guanaco": (("text",), (), "text with '### Human:' / '### Assistant:' turns"),
+    "chip2": (("text",), (), "Chip2/OIG: text with '<human>:' / '<bot>:' turns"),
+    "hh_rlhf": (("chosen",), ("rejected",), "Anthropic HH-RLHF: the chosen reply after '\\n\\nHuman:' / '\\n\\nAssistant:' turns"),
+    "text": (("text",), (), "plain text, every token trained on"),
 }
-_SHAPES = "alpaca (instruction, input, output), guanaco or text (text), chat (messages), completion (prompt, completion)"
+_TEXT_OF = {"guanaco": "text", "chip2": "text", "hh_rlhf": "chosen"}  # marked formats -> the key holding the turns
 
 
-def _row_format(row: dict) -> str | None:
-    if "messages" in row:
-        return "chat"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "prompt" in row and "completion" in row:
-        return "completion"
-    if "text" in row:
-        text = row["text"]
-        return "guanaco" if isinstance(text, str) and ASSISTANT in text else "text"
-    return None
+def describe(fmt: str) -> str:
+    """'dolly (instruction, response, context: Databricks Dolly)': the one-line name of a format."""
+    required, optional, what = SHAPES[fmt]
+    return f"{fmt} ({', '.join(required + optional)}: {what})"
+
+
+def _candidates(row: dict) -> frozenset[str]:
+    """The formats a row fits, minus those another fit explains strictly more of (alpaca's
+    instruction/input/output also fits input_output); plain text only when nothing structured fits."""
+    fits = set()
+    for fmt, (required, optional, _) in SHAPES.items():
+        if fmt == "text" or not all(k in row for k in required):
+            continue
+        if fmt in MARKED and not (isinstance(row[_TEXT_OF[fmt]], str) and MARKED[fmt][0] in row[_TEXT_OF[fmt]]):
+            continue
+        fits.add(fmt)
+    if not fits and "text" in row:
+        fits.add("text")
+    keys = {f: set(SHAPES[f][0] + SHAPES[f][1]) for f in fits}
+    return frozenset(f for f in fits if not any(keys[f] < keys[g] for g in fits))
 
 
 def detect_format(rows: list[dict], path: str) -> str:
-    """The format most of the first 100 rows fit (so one broken row is reported, not misdetected)."""
-    votes = Counter(f for f in map(_row_format, rows[:100]) if f)
+    """The format most of the first 100 rows fit (so one broken row is reported, not misdetected).
+    A shape that fits several formats equally is refused with the candidates named."""
+    votes = Counter(c for c in map(_candidates, rows[:100]) if c)
     if not votes:
         keys = sorted({k for row in rows[:100] for k in row})
-        raise QloraError(
-            f"{path}: cannot tell the data format from the keys [{', '.join(keys)}]; "
-            f"expected {_SHAPES} (rename the columns or set data_format)"
-        )
-    return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
+        shapes = "; ".join(describe(f) for f in SHAPES)
+        raise QloraError(f"{path}: cannot tell the data format from the keys [{', '.join(keys)}]; expected one of "
+                         f"{shapes} (rename the columns, map them with prompt_field/response_field, or set data_format)")
+    best = max(votes.values())
+    top = sorted({f for c, n in votes.items() if n == best for f in c}, key=list(SHAPES).index)
+    if len(top) > 1:
+        i = next(i for i, row in enumerate(rows[:100]) if _candidates(row) & set(top))
+        raise QloraError(f"{where(rows, i, path)}: ambiguous row shape, it fits {' and '.join(map(describe, top))}; "
+                         f"set data_format to one of {', '.join(top)}")
+    return top[0]
 
 
 def validate_rows(rows: list[dict], fmt: str, source: str) -> None:
@@ -72,121 +95,74 @@ def validate_rows(rows: list[dict], fmt: str, source: str) -> None:
     if fmt not in FORMATS:
         raise QloraError(f"{source}: unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     for i, row in enumerate(rows):
+        loc = lambda: where(rows, i, source)  # noqa: E731 - built only when a row is bad
         if fmt == "chat":
-            _validate_chat(row.get("messages"), lambda: where(rows, i, source))
+            validate_chat(row.get("messages"), loc)
+        elif fmt == "unnatural":
+            _validate_unnatural(row, loc)
+        else:
+            required, optional, _ = SHAPES[fmt]
+            _validate_strings(row, required, optional, fmt, loc)
+        if fmt in MARKED and MARKED[fmt][0] not in row[_TEXT_OF[fmt]]:
+            raise QloraError(f"{loc()}: key '{_TEXT_OF[fmt]}' has no {MARKED[fmt][0].strip()!r} turn ({fmt} format)")
+
+
+def _validate_strings(row: dict, required, optional, fmt: str, loc) -> None:
+    for key in required + optional:
+        value = row.get(key)
+        if key not in row and key in required:
+            found = ", ".join(sorted(row)) or "none"
+            raise QloraError(f"{loc()}: missing key '{key}' for the {fmt} format (keys found: {found})")
+        if key in optional and value is None:
             continue
-        required, optional = _KEYS[fmt]
-        for key in required + optional:
-            value = row.get(key)
-            if key not in row and key in required:
-                found = ", ".join(sorted(row)) or "none"
-                raise QloraError(f"{where(rows, i, source)}: missing key '{key}' for the {fmt} format (keys found: {found})")
-            if key in optional and value is None:
-                continue
-            if not isinstance(value, str):
-                raise QloraError(f"{where(rows, i, source)}: key '{key}' must be a string, got {type_name(value)}")
-        if fmt == "guanaco" and ASSISTANT not in row["text"]:
-            raise QloraError(f"{where(rows, i, source)}: key 'text' has no '{ASSISTANT}' turn (guanaco format)")
+        if not isinstance(value, str):
+            raise QloraError(f"{loc()}: key '{key}' must be a string, got {type_name(value)}")
 
 
-def _validate_chat(messages, loc) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise QloraError(f"{loc()}: key 'messages' must be a non-empty list of {{role, content}}, got {type_name(messages)}")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise QloraError(f"{loc()}: messages[{j}] must be an object with role and content, got {type_name(m)}")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                got = "missing" if key not in m else type_name(m[key])
-                raise QloraError(f"{loc()}: messages[{j}].{key} must be a string, got {got}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise QloraError(f"{loc()}: key 'messages' has no assistant message to learn from")
+def _validate_unnatural(row: dict, loc) -> None:
+    _validate_strings(row, ("instruction",), (), "unnatural", loc)
+    instances = row.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise QloraError(f"{loc()}: key 'instances' must be a non-empty list of {{input, output}}, got {type_name(instances)}")
+    for j, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise QloraError(f"{loc()}: instances[{j}] must be an object with input and output, got {type_name(inst)}")
+        _validate_strings(inst, ("output",), ("input", "instruction_with_input", "constraints"), "unnatural",
+                          lambda: f"{loc()}: instances[{j}]")
 
 
-def render(row: dict, fmt: str, tokenizer, loc) -> Segments:
-    """The row as (text, is_target) pieces; empty targets are left out (the caller counts rows without any)."""
+def render(row: dict, fmt: str, tokenizer, loc, chat_format: str = "auto") -> Segments:
+    """The row's (first) example as (text, is_target) pieces; empty targets are left out."""
+    return render_all(row, fmt, tokenizer, loc, chat_format)[0]
+
+
+def render_all(row: dict, fmt: str, tokenizer, loc, chat_format: str = "auto") -> list[Segments]:
+    """Every example of the row (one, except one per Unnatural Instructions instance)."""
     if fmt == "alpaca":
-        template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        prompt = template.format(instruction=row["instruction"], input=row.get("input"))
-        return _merge([(prompt, False), (row["output"], True)])
-    if fmt == "completion":
-        return _merge([(row["prompt"], False), (row["completion"], True)])
+        return [_alpaca(row["instruction"], row.get("input"), row["output"])]
+    if fmt == "dolly":
+        return [_alpaca(row["instruction"], row.get("context"), row["response"])]
+    if fmt == "unnatural":
+        return [_unnatural(row["instruction"], inst) for inst in row["instances"]]
+    if fmt in ("completion", "input_output", "flan"):
+        prompt, answer = SHAPES[fmt][0]
+        return [merge([(row[prompt], False), (row[answer], True)])]
     if fmt == "text":
-        return _merge([(row["text"], True)])
-    if fmt == "guanaco":
-        return _render_guanaco(row["text"])
-    return _render_chat(row["messages"], tokenizer, loc)
+        return [merge([(row["text"], True)])]
+    if fmt in MARKED:
+        return [merge(render_turns(row[_TEXT_OF[fmt]], fmt))]
+    return [render_chat(row["messages"], tokenizer, loc, chat_format)]
 
 
-def _render_guanaco(text: str) -> Segments:
-    """'### Human: q### Assistant: a### Human: ...': every assistant answer is a target.
-
-    The space after 'Assistant:' stays in the target, as at inference the prompt ends with the colon.
-    """
-    pieces = _TURN.split(text)  # [preamble, marker, body, marker, body, ...]
-    segments: Segments = [(pieces[0], False)]
-    for marker, body in zip(pieces[1::2], pieces[2::2]):
-        if marker == ASSISTANT and body.strip():
-            segments += [(marker, False), (body, True)]
-        else:
-            segments.append((marker + body, False))
-    return _merge(segments)
+def _alpaca(instruction: str, context: str | None, answer: str) -> Segments:
+    template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
+    return merge([(template.format(instruction=instruction, input=context), False), (answer, True)])
 
 
-def _render_chat(messages: list[dict], tokenizer, loc) -> Segments:
-    """Render with the tokenizer's chat template; each assistant turn (and its end-of-turn token) is a target.
-
-    Prompt pieces are the template's text up to each assistant turn, rendered with the generation
-    prompt, i.e. exactly what the model sees at inference. Templates whose rendering of a prefix of
-    the conversation is not a prefix of the whole (some strip earlier reasoning) fall back to
-    learning the last assistant turn only.
-    """
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"].strip()]
-    if not turns:
-        return []
-    full = _apply_template(tokenizer, messages, False, loc)
-    segments = _chat_segments(messages, turns, full, tokenizer, loc)
-    if segments is None:
-        segments = _chat_segments(messages, turns[-1:], full, tokenizer, loc)
-    if segments is None:
-        raise QloraError(f"{loc()}: the tokenizer's chat template does not render this conversation "
-                         "prefix-consistently; use the completion format")
-    return segments
-
-
-def _chat_segments(messages, turns, full, tokenizer, loc) -> Segments | None:
-    segments: Segments = []
-    done = 0  # characters of `full` already assigned to segments
-    for i in turns:
-        prompt = _apply_template(tokenizer, messages[:i], True, loc)
-        upto = _apply_template(tokenizer, messages[: i + 1], False, loc)
-        if not (prompt.startswith(full[:done]) and upto.startswith(prompt) and full.startswith(upto)):
-            return None
-        target = upto[len(prompt) :].rstrip()  # the newline after the end-of-turn token belongs to the next prompt
-        segments += [(prompt[done:], False), (target, True)]
-        done = len(prompt) + len(target)
-    return _merge(segments)
-
-
-def _apply_template(tokenizer, messages, generation_prompt: bool, loc) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise QloraError(f"{loc()}: the chat format needs a tokenizer with a chat template, and this one has none; "
-                         "use the completion or alpaca format")
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja raises TemplateError for e.g. roles the template rejects
-        reason = " ".join(str(e).split())[:200]
-        raise QloraError(f"{loc()}: the chat template rejected this conversation ({reason})") from None
-
-
-def _merge(segments: Segments) -> Segments:
-    """Join neighbouring prompt pieces and drop empty ones, so each prompt run is tokenized once."""
-    out: Segments = []
-    for text, is_target in segments:
-        if not text or (is_target and not text.strip()):
-            continue  # a blank answer teaches nothing; rows left without a target are counted and skipped
-        if out and not is_target and not out[-1][1]:
-            out[-1] = (out[-1][0] + text, False)
-        else:
-            out.append((text, is_target))
-    return out
+def _unnatural(instruction: str, inst: dict) -> Segments:
+    """An instance as an Alpaca example; its constraints (e.g. "answer 'True' or 'False'") join the instruction."""
+    constraints = (inst.get("constraints") or "").strip()
+    extra = f"\n{constraints}" if constraints and constraints.rstrip(".").lower() != "none" else ""
+    if inst.get("instruction_with_input"):  # the dataset's own rendering of instruction and input together
+        return _alpaca(inst["instruction_with_input"] + extra, None, inst["output"])
+    return _alpaca(instruction + extra, inst.get("input"), inst["output"])

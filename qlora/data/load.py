@@ -10,11 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 from pathlib import Path
 
 from ..errors import QloraError
 
 _PARQUET_MAGIC = b"PAR1"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # org/name or org/name:split
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".pq")  # a missing local file, not a hub name
+# Python's json parser recurses once per nesting level; past the interpreter's limit (~1000) it raises
+# RecursionError. No row format nests deeper than a few levels, so such a row is bad input, not a bug.
+_TOO_DEEP = "JSON nested too deeply for Python's parser (more than ~1000 levels of [ or {); fix or delete this row"
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
@@ -42,11 +49,13 @@ def type_name(value) -> str:
 
 
 def load_rows(path: str) -> Rows:
-    """All rows of a dataset file or `load_from_disk` directory, as dicts."""
+    """All rows of a dataset file, `load_from_disk` directory, or hub dataset (org/name[:split]), as dicts."""
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and _HUB_NAME.match(path) and not p.suffix.lower() in _FILE_SUFFIXES:
+        rows = _load_hub(path)
+    elif not p.exists():
         raise QloraError(f"{path}: no such file or directory")
-    if p.is_dir():
+    elif p.is_dir():
         rows = _load_saved_dataset(p, path)
     else:
         rows = _load_file(p, path)
@@ -95,6 +104,8 @@ def _load_jsonl(text: str, path: str) -> Rows:
             row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
             raise QloraError(f"{path}:{n}: invalid JSON ({_json_problem(e)}); fix or delete this line") from None
+        except RecursionError:
+            raise QloraError(f"{path}:{n}: {_TOO_DEEP}") from None
         if not isinstance(row, dict):
             raise QloraError(f"{path}:{n}: expected a JSON object per line, got a {type_name(row)}")
         rows.append(row)
@@ -109,6 +120,8 @@ def _load_json_document(text: str, path: str) -> Rows:
         if e.msg == "Extra data":  # several top-level values: a JSONL file named .json
             return _load_jsonl(text, path)
         raise QloraError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)})") from None
+    except RecursionError:
+        raise QloraError(f"{path}: {_TOO_DEEP}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
@@ -174,6 +187,26 @@ def _load_saved_dataset(p: Path, path: str) -> Rows:
             raise QloraError(f"{path}: a dataset dict without a 'train' split (splits: {', '.join(ds)}); save one split")
         ds = ds["train"]
     return Rows(ds.to_list(), path)
+
+
+def _load_hub(name: str) -> Rows:
+    """A hub dataset through datasets.load_dataset (split 'train' unless named); offline, a one-line error."""
+    repo, _, split = name.partition(":")
+    split = split or "train"
+    advice = "it needs the network; or download it elsewhere and pass the local copy (a .jsonl or save_to_disk dir)"
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise QloraError(f"{name}: no such local file, and the hub dataset {repo!r} cannot be fetched offline "
+                         f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {advice}")
+    try:
+        import datasets
+    except ImportError:
+        raise QloraError(f"{name}: loading a hub dataset needs datasets (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as e:  # connection errors, missing repo or split: datasets raises many types
+        raise QloraError(f"{name}: cannot load the hub dataset {repo!r} split {split!r} ({_one_line(e)}); "
+                         f"{advice}") from None
+    return Rows(ds.to_list(), name)
 
 
 def _json_problem(e: json.JSONDecodeError) -> str:

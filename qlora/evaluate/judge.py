@@ -66,10 +66,13 @@ class ChatJudge:
         self.retries, self.max_tokens = retries, max_tokens
 
     def __call__(self, question: str, answer_a: str, answer_b: str) -> Verdict:
-        body = dict(model=self.model, messages=messages(question, answer_a, answer_b), temperature=0.0,
-                    max_tokens=self.max_tokens)
-        text = self._post(body)["choices"][0]["message"]["content"] or ""
+        text = self.complete(messages(question, answer_a, answer_b))
         return Verdict(parse_verdict(text), text)
+
+    def complete(self, msgs: list[dict]) -> str:
+        """The endpoint's reply to any prompt (also the single-answer scorer's judge)."""
+        body = dict(model=self.model, messages=msgs, temperature=0.0, max_tokens=self.max_tokens)
+        return self._post(body)["choices"][0]["message"]["content"] or ""
 
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_tokenizer
 
 from qlora.data import (
     ALPACA_PROMPT,
@@ -26,7 +27,6 @@ from qlora.data import (
     split_train_val,
 )
 from qlora.errors import QloraError
-from tiny import tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "instruct"
 ROWS = [

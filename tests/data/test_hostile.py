@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny import tiny_tokenizer
 
 from qlora.data import build_examples, read_dataset
 from qlora.errors import QloraError
-from tiny import tiny_tokenizer
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 
@@ -124,14 +124,6 @@ def test_forced_format_that_does_not_fit(tmp_path):
     path.write_text(_jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     assert _error(path, fmt="alpaca") == ":1: missing key 'instruction' for the alpaca format (keys found: messages)"
     assert _error(path, fmt="yaml").startswith(": unknown data format 'yaml'")
-
-
-def test_chat_format_with_a_tokenizer_without_template(tmp_path):
-    path = tmp_path / "chat.jsonl"
-    path.write_text(_jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
-    tok = tiny_tokenizer()
-    tok.chat_template = None
-    assert _error(path, tokenizer=tok).startswith(":1: the chat format needs a tokenizer with a chat template")
 
 
 def test_chat_template_that_rejects_a_role(tmp_path):

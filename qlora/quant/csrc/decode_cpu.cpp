@@ -82,7 +82,7 @@ namespace gemv = qlora::gemv;
 using qlora::lanes::kSplitMin;
 using qlora::lanes::split_rows;
 using qlora::lanes::two_lanes;
-using qlora::lanes::cpu_relax;
+using qlora::lanes::wait_until;
 
 thread_local std::vector<float> t_xa, t_delta;  // per thread (serve decodes on several)
 
@@ -121,7 +121,7 @@ void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
       const int64_t c0 = lane == 0 ? 0 : r_half, c1 = lane == 0 ? r_half : L.r;
       gemv::gemv16(L.lora_a + c0 * L.k, c1 - c0, L.k, x, xa + c0);
       arrived.fetch_add(1);
-      while (arrived.load() < 2) cpu_relax();
+      wait_until([&] { return arrived.load() == 2; });
     } else if (xa && lane == 0) {
       gemv::gemv16(L.lora_a, L.r, L.k, x, xa);
     }

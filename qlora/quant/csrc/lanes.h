@@ -3,6 +3,7 @@
 // server handler threads can share it safely.
 #pragma once
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -40,6 +41,21 @@ inline void cpu_relax() {
 #endif
 }
 
+// Wait until done() holds: spin a few microseconds (the other lane's half of a product takes ~10 us),
+// then give the core away while waiting. On a machine with more runnable threads than cores the other
+// lane may not be running at all; spinning through whole scheduler time slices then made each product
+// wait milliseconds (decode ~30x slower on 2 busy cores), where yielding lets it finish.
+template <class Done>
+inline void wait_until(Done&& done) {
+  for (int spin = 0; !done(); ++spin) {
+    if (spin < 4096) {
+      cpu_relax();
+    } else {
+      sched_yield();
+    }
+  }
+}
+
 extern std::atomic<int> g_lanes;  // qlora_decode_threads(): 1 keeps everything on the calling thread
 Lane* lane_for_this_process();    // null if no helper thread can be started
 constexpr int64_t kSplitMin = int64_t(1) << 16;  // weights; a hand-off costs ~1 us against ~10 us of work
@@ -62,7 +78,7 @@ void two_lanes(F&& f) {
     lane->cv.notify_one();
   }
   f(0, true);
-  while (lane->done.load(std::memory_order_acquire) != p) cpu_relax();
+  wait_until([&] { return lane->done.load(std::memory_order_acquire) == p; });
   lane->busy.clear(std::memory_order_release);
 }
 
