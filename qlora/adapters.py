@@ -1,8 +1,10 @@
 """LoRA adapters in PEFT's format: adapter_config.json + adapter_model.safetensors with keys
-base_model.model.<module>.lora_A.weight / lora_B.weight, so PEFT loads ours and we load PEFT's.
+base_model.model.<module>.lora_A.weight / lora_B.weight (DoRA: and .lora_magnitude_vector,
+"use_dora": true), so PEFT loads ours and we load PEFT's.
 
 The 4-bit format of the base the adapter was trained on travels in the safetensors header
-("qlora_quant"), which keeps adapter_config.json pure PEFT; `recorded_quant` reads it back so that
+("qlora_quant", with "lora_init" when LoftQ / PiSSA derived the base), which keeps
+adapter_config.json pure PEFT; `recorded_quant` and `recorded_lora_init` read it back so that
 inference quantizes the base as training did.
 """
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import QloraError
-from .nn import LoRALinear
+from .nn import LoRALinear, lora_init
 from .nn.surgery import lora_layers, lora_settings, quant_of
 from .quant.spec import QuantSpec
 
@@ -25,11 +27,14 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 def adapter_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key names: base_model.model.<module>.lora_A.weight / lora_B.weight."""
+    """PEFT key names: base_model.model.<module>.lora_A.weight / lora_B.weight (DoRA: and
+    .lora_magnitude_vector, the key PEFT saves it under)."""
     sd = {}
     for name, layer in lora_layers(net).items():
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
         sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        if layer.dora:
+            sd[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous()
     return sd
 
 
@@ -42,7 +47,7 @@ def adapter_config(net: nn.Module, base_model: str | None = None, dropout: float
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"] if dropout is None else dropout,
         "use_rslora": lora["rslora"], "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "inference_mode": True, "init_lora_weights": True, "use_dora": lora["dora"], "modules_to_save": None,
     }
 
 
@@ -55,7 +60,11 @@ def save_adapter(net: nn.Module, out_dir: str, base_model: str | None = None, dr
     from .safetensors_writer import write_streaming
 
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"format": "pt", "qlora_quant": json.dumps(quant_of(net).as_dict())}
+    quant = quant_of(net).as_dict()
+    init = lora_init.of(net)
+    if init:  # LoftQ / PiSSA: load_model re-derives the base it trained on from the original weights
+        quant["lora_init"] = init
+    meta = {"format": "pt", "qlora_quant": json.dumps(quant)}
     sd = adapter_state_dict(net)
     write_streaming(os.path.join(out_dir, WEIGHTS_FILE), [(k, t.dtype, tuple(t.shape)) for k, t in sd.items()],
                     sd.items(), metadata=meta)
@@ -85,18 +94,24 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
+_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
+
+
 def _by_module(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"lora_A": A, "lora_B": B}} from PEFT keys (with or without the ".default" name)."""
+    """{module name: {"lora_A" | "lora_B" | "lora_magnitude": tensor}} from PEFT keys (with or
+    without the ".default" name)."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        for part in ("lora_A", "lora_B"):
-            if k.endswith(f".{part}.weight"):
-                by_module.setdefault(k[: -len(f".{part}.weight")], {})[part] = t
+        k = k.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+        for suffix, part in _SUFFIXES.items():
+            if k.endswith(suffix):
+                by_module.setdefault(k[: -len(suffix)], {})[part] = t
                 break
         else:
-            raise QloraError(f"{path}: unexpected tensor '{key}' (only LoRA A/B weights are supported)")
+            raise QloraError(f"{path}: unexpected tensor '{key}' (only LoRA A/B weights and DoRA magnitudes "
+                             "are supported)")
     return by_module
 
 
@@ -104,19 +119,27 @@ def load_adapter(net: nn.Module, path: str) -> list[str]:
     """Apply a PEFT LoRA adapter (ours or PEFT's) on top of the current model, live."""
     cfg, tensors = read_adapter(path)
     r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    dora = bool(cfg.get("use_dora", False))
+    wanted = {"lora_A", "lora_B", "lora_magnitude"} if dora else {"lora_A", "lora_B"}
     names = []
     for name, ab in sorted(_by_module(path, tensors).items()):
         try:
             base = net.get_submodule(name)
         except AttributeError:
-            raise QloraError(f"{path}: adapter targets '{name}', which this model does not have (adapter for another model?)") from None
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise QloraError(f"{path}: '{name}' has only {sorted(ab)}")
-        layer = LoRALinear(base, r, alpha, 0.0, rslora)
+            raise QloraError(f"{path}: adapter targets '{name}', which this model does not have "
+                             "(adapter for another model?)") from None
+        if set(ab) != wanted:
+            raise QloraError(f"{path}: '{name}' has {sorted(ab)}, expected {sorted(wanted)} (use_dora={dora})")
+        lora_init.drop_stashed(base)  # the adapter's trained factors replace LoftQ / PiSSA's
+        try:
+            layer = LoRALinear(base, r, alpha, 0.0, rslora, dora=dora)
+        except ValueError as e:  # DoRA over a stacked adapter
+            raise QloraError(f"{path}: '{name}': {e}") from None
         for part, t in ab.items():
-            target = getattr(layer, part).weight
+            target = layer.lora_magnitude if part == "lora_magnitude" else getattr(layer, part).weight
             if t.shape != target.shape:
-                raise QloraError(f"{path}: '{name}.{part}.weight' has shape {tuple(t.shape)}, model expects {tuple(target.shape)}")
+                raise QloraError(f"{path}: '{name}.{part}.weight' has shape {tuple(t.shape)}, "
+                                 f"model expects {tuple(target.shape)}")
             with torch.no_grad():
                 target.copy_(t)
         layer.requires_grad_(False)
@@ -136,19 +159,32 @@ def load_weights(net: nn.Module, path) -> None:
     with torch.no_grad():
         for key, t in expected.items():
             if tensors[key].shape != t.shape:
-                raise QloraError(f"{path}: '{key}' has shape {tuple(tensors[key].shape)}, model expects {tuple(t.shape)}")
+                raise QloraError(f"{path}: '{key}' has shape {tuple(tensors[key].shape)}, "
+                                 f"model expects {tuple(t.shape)}")
             t.copy_(tensors[key])
 
 
-def recorded_quant(adapters) -> QuantSpec:
-    """The 4-bit format qlora recorded in the (first) adapter's safetensors header when it was
-    trained (QLoRA's defaults for adapters from elsewhere)."""
+def _recorded(adapters) -> dict:
+    """The "qlora_quant" record of the (first) adapter's safetensors header ({} when absent)."""
     from safetensors import safe_open
 
     for path in list(adapters)[:1]:
         try:
             with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
-                return QuantSpec.from_dict(json.loads((f.metadata() or {}).get("qlora_quant") or "null"))
+                recorded = json.loads((f.metadata() or {}).get("qlora_quant") or "null")
         except Exception:  # missing or unreadable: load_adapter reports it properly
-            pass
-    return QuantSpec()
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
+    return {}
+
+
+def recorded_quant(adapters) -> QuantSpec:
+    """The 4-bit format qlora recorded in the (first) adapter's safetensors header when it was
+    trained (QLoRA's defaults for adapters from elsewhere)."""
+    return QuantSpec.from_dict(_recorded(adapters))
+
+
+def recorded_lora_init(adapters) -> dict | None:
+    """The LoftQ / PiSSA init (nn.lora_init.spec) the (first) adapter's base was derived with, or None."""
+    init = _recorded(adapters).get("lora_init")
+    return init if isinstance(init, dict) else None

@@ -21,7 +21,7 @@ from .errors import QloraError
 from .precision import spelled
 from .quant.spec import DEFAULT as QUANT_DEFAULT, QuantSpec
 
-QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bf16"]
+QuantType = Literal["nf4", "fp4", "fp4_e3m0", "int4", "bof4", "bof4s", "bf16"]
 ChatFormat = Literal["auto", "tokenizer", "guanaco", "alpaca", "chatml"]
 OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 DataFormat = Literal["auto", "alpaca", "guanaco", "chat", "completion", "text", "dolly", "input_output", "chip2",
@@ -38,13 +38,15 @@ class TrainConfig:
     model: Optional[str] = None
     """Local HF directory, GGUF file, or hub name. Default: the embedded SmolLM2-135M-Instruct."""
     quant_type: QuantType = QUANT_DEFAULT.quant_type
-    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA)."""
+    """4-bit data type of the frozen base (bf16 = no quantization, plain LoRA); bof4/bof4s: MSE-optimal codebooks,
+    not loadable by bitsandbytes."""
     double_quant: bool = QUANT_DEFAULT.double_quant
     """Quantize the block scales to 8 bits (Double Quantization, ~0.37 bit/param saved)."""
     blocksize: int = QUANT_DEFAULT.blocksize
     """Elements per absmax block of the 4-bit weights (32..4096)."""
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16 natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
+    """Dtype of the matmuls (frozen weights are dequantized to it): auto = bfloat16 where the hardware multiplies bf16
+    natively (AVX512_BF16/AMX, ARM BF16, CUDA), else float32."""
     quantize_head: bool = False
     """Also quantize the output head (the paper keeps it in 16 bits)."""
     # ---- LoRA ----
@@ -59,12 +61,23 @@ class TrainConfig:
     rslora: bool = False
     """Rank-stabilized scaling alpha/sqrt(r)."""
     lora_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays fp32."""
+    """Dtype of the LoRA weights and their gradients; bfloat16 halves both (the paper's code), the optimizer state stays
+    fp32."""
+    lora_init: Literal["gaussian", "loftq", "pissa"] = "gaussian"
+    """LoRA start: gaussian (A random, B = 0, the paper), loftq (base and A, B fitted so Q + s·BA ≈ W), pissa
+    (top-r SVD of W in A, B, the residual quantized); loftq/pissa run as the model loads."""
+    loftq_iters: int = 5
+    """LoftQ alternations between quantizing W - s·BA and the rank-r SVD of W - Q."""
+    dora: bool = False
+    """DoRA: a trainable magnitude per output row times the direction of W + s·BA (PEFT's use_dora); merge and
+    export fold it in."""
     # ---- data ----
     data: Optional[Union[str, list[str]]] = None
-    """Training file (json/jsonl/csv/parquet), load_from_disk dir or hub name (org/name[:split]); several make a mixture, each optionally :WEIGHT (0.7) or :COUNT (2000). Default: the built-in demo task."""
+    """Training file (json/jsonl/csv/parquet), load_from_disk dir or hub name (org/name[:split]); several make a
+    mixture, each optionally :WEIGHT (0.7) or :COUNT (2000). Default: the built-in demo task."""
     data_format: DataFormat = "auto"
-    """Row shape (auto-detected): alpaca, dolly, input_output, completion, flan, unnatural, chat (messages), guanaco, chip2, hh_rlhf, text."""
+    """Row shape (auto-detected): alpaca, dolly, input_output, completion, flan, unnatural, chat (messages),
+    guanaco, chip2, hh_rlhf, text."""
     prompt_field: Optional[str] = None
     """Column holding the prompt, for any other schema (with response_field; rendered as chat)."""
     response_field: Optional[str] = None
@@ -74,7 +87,8 @@ class TrainConfig:
     columns: Optional[str] = None
     """The three mappings as one option: prompt=COL,response=COL[,system=COL]."""
     chat_format: ChatFormat = "auto"
-    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto: tokenizer's if any, else guanaco)."""
+    """How chat rows are rendered: the tokenizer's template, or guanaco/alpaca/chatml for a base without one (auto:
+    tokenizer's if any, else guanaco)."""
     packing: bool = False
     """Pack several examples per row (attention and positions restart at each example; fewer pad tokens)."""
     max_seq_len: int = 512
@@ -161,12 +175,13 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
     docs = {}
     for prev, node in zip(body, body[1:]):
         if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = node.value.value
+            docs[prev.target.id] = " ".join(node.value.value.split())  # wrapped in the source, one line here
     return docs
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str, key: str = "size") -> int:

@@ -241,7 +241,7 @@ def _spec(module) -> dict | None:
     """The kernel's description of a (LoRA over a) 4-bit bf16/fp32 linear, or None if it is not one."""
     lora = None
     if isinstance(module, LoRALinear):
-        if module.training and module.dropout > 0:
+        if (module.training and module.dropout > 0) or module.dora:  # the kernel adds plain s·BA only
             return None
         lora, module = module, module.base
     if not isinstance(module, Linear4bit) or module.compute_dtype not in _DTYPES:

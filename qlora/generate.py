@@ -69,14 +69,16 @@ def load_model(model: str | None = None, adapters=(), quant_type: str | None = N
     (adapters.recorded_quant), each setting given here (not None) replacing the recorded one.
     `compute_dtype`: a torch dtype, a name or alias, or "auto" (qlora.precision)."""
     from . import hf
-    from .adapters import recorded_quant
+    from .adapters import recorded_lora_init, recorded_quant
 
     quant = recorded_quant(adapters).replace(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     try:
         quant.check()
     except ValueError as e:
         raise QloraError(str(e)) from None
-    return hf.load(model, quant, compute_dtype=compute_dtype, adapters=list(adapters), device=device)
+    # LoftQ / PiSSA: re-derive, from the original weights, the base the adapter trained on
+    return hf.load(model, quant, compute_dtype=compute_dtype, adapters=list(adapters), device=device,
+                   lora_init=recorded_lora_init(adapters))
 
 
 def context_length(model) -> int | None:
@@ -230,7 +232,8 @@ class _Detokenizer:
             self.stopped = True
             text, self.pending = self.pending[: min(hits)], ""
             return text, True
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        partial = (k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k]))
+        hold = 0 if final else max(partial, default=0)
         cut = len(self.pending) - hold
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text, False

@@ -61,7 +61,8 @@ def _download(name: str) -> str:
 
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # offline, gated, missing: one line
-        raise QloraError(f"{name}: could not download from the hub ({type(e).__name__}); pass a local directory") from None
+        raise QloraError(f"{name}: could not download from the hub ({type(e).__name__}); "
+                         "pass a local directory") from None
 
 
 def load_tokenizer(directory: str, gguf_file: str | None = None):
@@ -76,7 +77,7 @@ def load_tokenizer(directory: str, gguf_file: str | None = None):
 def load(model: str | None = None, quant: QuantSpec = DEFAULT, compute_dtype: torch.dtype | str = torch.bfloat16,
          quantize_head: bool = False, adapters=(), lora: dict | None = None, device: str | torch.device = "cpu",
          on_layer=None, *, quant_type: str | None = None, blocksize: int | None = None,
-         double_quant: bool | None = None):
+         double_quant: bool | None = None, lora_init: dict | None = None):
     """Load a causal LM with its linear layers in 4 bits as `quant` says, each of quant_type/blocksize/
     double_quant given (not None) replacing its setting (quant_type "bf16": left unquantized; a
     checkpoint already in bitsandbytes' 4-bit layout keeps its own format).
@@ -84,6 +85,8 @@ def load(model: str | None = None, quant: QuantSpec = DEFAULT, compute_dtype: to
     `compute_dtype`: a torch dtype, a name, or "auto" (qlora.precision: bf16 where the hardware
     multiplies it natively, else fp32).
     `lora`: kwargs for `add_lora` to make a trainable model; `adapters`: PEFT dirs applied live.
+    `lora_init`: nn.lora_init.spec (LoftQ / PiSSA) - each target weight is quantized with its LoRA
+    factors as it loads; add_lora takes them, an adapter replaces them.
     `on_layer(layer)`: called with each decoder layer as soon as all its weights are in place, while
     a 16-bit safetensors checkpoint streams (distributed.layer_sharder shards it there, so a rank
     never holds the whole base); other sources do not call it. Llama-family RMSNorm and SiLU-gated MLP
@@ -95,13 +98,15 @@ def load(model: str | None = None, quant: QuantSpec = DEFAULT, compute_dtype: to
     tokenizer = load_tokenizer(directory, gguf_file)
     quant = quant.replace(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     quant = quant if quant.quantized else None
+    if lora_init and quant is None:
+        raise QloraError(f"lora_init={lora_init['method']} needs a 4-bit base; pick a --quant-type other than bf16")
     if gguf_file is None and _has_safetensors(directory):
-        net = _load_streaming(directory, compute_dtype, quant, quantize_head, on_layer)
+        net = _load_streaming(directory, compute_dtype, quant, quantize_head, on_layer, lora_init)
     else:
         net = _load_whole(directory, gguf_file, compute_dtype)
         fused.fuse(net)
         if quant:
-            quantize_model(net, quant, compute_dtype, quantize_head)
+            quantize_model(net, quant, compute_dtype, quantize_head, lora_init=lora_init)
     net.qlora_source = model or DEFAULT_MODEL
     for path in adapters:
         load_adapter(net, path)
@@ -130,7 +135,8 @@ def _load_whole(directory: str, gguf_file: str | None, dtype: torch.dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(directory, **kw).eval()
     except (OSError, ValueError) as e:
-        raise QloraError(f"{os.path.join(directory, gguf_file or '')}: cannot load model ({str(e).splitlines()[0]})") from None
+        where = os.path.join(directory, gguf_file or "")
+        raise QloraError(f"{where}: cannot load model ({str(e).splitlines()[0]})") from None
 
 
 @contextlib.contextmanager
@@ -153,11 +159,13 @@ def _params_on_meta():
 _BNB_MARKER = ".quant_state.bitsandbytes__"  # key suffix of a 4-bit weight saved in bitsandbytes' layout
 
 
-def _load_streaming(directory: str, dtype: torch.dtype, quant: QuantSpec | None, quantize_head: bool, on_layer=None):
+def _load_streaming(directory: str, dtype: torch.dtype, quant: QuantSpec | None, quantize_head: bool, on_layer=None,
+                    lora_init: dict | None = None):
     """Build the model with parameters on meta, then fill it from the safetensors shards: a 16-bit
     checkpoint is read one tensor at a time and each linear weight quantized as it arrives (peak:
-    the 4-bit model + one tensor); a checkpoint already in bitsandbytes' 4-bit layout is memory-mapped
-    and its codes used as they are (its own quant settings win over `quant`)."""
+    the 4-bit model + one tensor; `lora_init`: with its LoftQ / PiSSA factors); a checkpoint already
+    in bitsandbytes' 4-bit layout is memory-mapped and its codes used as they are (its own quant
+    settings win over `quant`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
@@ -175,6 +183,8 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: QuantSpec | None,
         return key if key in expected else f"{prefix}.{key}" if f"{prefix}.{key}" in expected else None
 
     if prequantized:
+        if lora_init:
+            raise QloraError(f"{directory}: already 4-bit; LoftQ / PiSSA need the 16-bit weights")
         _place_prequantized(net, shards, dtype, model_key)
     else:
         targets = set(linear_names(net, include_head=quantize_head)) if quant else set()
@@ -187,12 +197,13 @@ def _load_streaming(directory: str, dtype: torch.dtype, quant: QuantSpec | None,
         placed = _layer_watch(net, on_layer) if on_layer else lambda name: None
         for key, tensor, mapped in safetensors_reader.iter_tensors(shards, map_if):
             if (name := model_key(key)) is not None:
-                _place(net, name, tensor, dtype, targets, quant, copy=not mapped)
+                _place(net, name, tensor, dtype, targets, quant, copy=not mapped, lora_init=lora_init)
                 placed(name)
     net.tie_weights()
     missing = [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
-        raise QloraError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. '{missing[0]}' — wrong model dir?")
+        raise QloraError(f"{directory}: checkpoint lacks {len(missing)} weights, e.g. '{missing[0]}' "
+                         "— wrong model dir?")
     return net.eval()
 
 
@@ -259,13 +270,15 @@ def _place_prequantized(net: nn.Module, shards: list[Path], dtype: torch.dtype, 
 
 
 def _place(net: nn.Module, name: str, tensor: torch.Tensor, dtype, targets: set, quant: QuantSpec | None,
-           copy: bool = True) -> None:
+           copy: bool = True, lora_init: dict | None = None) -> None:
     module_name, _, attr = name.rpartition(".")
     module = net.get_submodule(module_name)
     if module_name in targets and attr == "weight":
         shell = nn.Module()  # carries weight/bias for from_linear without materializing a Linear
-        shell.weight, shell.bias = tensor.to(dtype), getattr(module, "bias", None)
-        new = quantize_layer(shell, name, quant, dtype, transpose=is_conv1d(module))
+        # LoftQ / PiSSA start from the checkpoint's own values (fp32 inside), whatever the compute dtype
+        shell.weight = tensor if lora_init else tensor.to(dtype)
+        shell.bias = getattr(module, "bias", None)
+        new = quantize_layer(shell, name, quant, dtype, is_conv1d(module), lora_init)
         if new.bias is not None and new.bias.is_meta:
             new.bias = nn.Parameter(torch.zeros(new.out_features, dtype=dtype), requires_grad=False)
         net.set_submodule(module_name, new)

@@ -21,6 +21,7 @@ from .config import TrainConfig, parse_size, to_dict
 from .data import preference
 from .errors import QloraError
 from .metrics import peak_rss_mb
+from .nn import lora_init
 from .nn.surgery import add_lora
 from .objectives import loss_sum
 
@@ -67,10 +68,11 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         model, tokenizer = hf.load(
             cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
             quantize_head=cfg.quantize_head, device=device, on_layer=shard,
+            lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
         )
     torch.manual_seed(cfg.seed)  # LoRA A init
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype))
+             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)
     model.to(device)
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory

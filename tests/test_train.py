@@ -91,12 +91,14 @@ def test_accumulation_is_token_weighted(tiny_llama, tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer, lora_dtype", [("adamw", "float32"), ("paged_adamw_8bit", "float32"),
-                                                   ("paged_adamw", "bfloat16")])
-def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype):
+@pytest.mark.parametrize("optimizer, lora_dtype, dora", [("adamw", "float32", False),
+                                                         ("paged_adamw_8bit", "float32", False),
+                                                         ("paged_adamw", "bfloat16", False),
+                                                         ("adamw", "float32", True)])
+def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype, dora):
     from safetensors.torch import load_file
 
-    kw = dict(optimizer=optimizer, lora_dtype=lora_dtype)
+    kw = dict(optimizer=optimizer, lora_dtype=lora_dtype, dora=dora)
     full = fit(setup(_cfg(tmp_path / "full", tiny_llama, **kw)), progress=False)
     part_cfg = _cfg(tmp_path / "part", tiny_llama, max_steps=3, **kw)
     fit(setup(part_cfg), progress=False)
@@ -109,6 +111,12 @@ def test_resume_is_bitwise_identical(tiny_llama, tmp_path, optimizer, lora_dtype
     a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed["output_dir"]) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    magnitudes = [k for k in a if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == (14 if dora else 0)  # DoRA trains (and resumes) one magnitude per layer
+    if dora:
+        fresh = hf.load(tiny_llama, compute_dtype="auto", lora=dict(r=4, dora=True))[0]
+        start = adapter_state_dict(fresh)
+        assert not torch.equal(a[magnitudes[0]], start[magnitudes[0]])
 
 
 def test_checkpoints_pruned_and_latest(tiny_llama, tmp_path):
@@ -286,3 +294,13 @@ def test_gradient_checkpointing_keeps_attention_and_matches(tiny_llama):
     assert loss_ckpt == loss
     for name, g in grads.items():
         assert torch.equal(grads_ckpt[name], g), name
+
+
+def test_lora_init_runs_while_the_model_loads_and_is_recorded(tiny_llama, tmp_path):
+    out = fit(setup(_cfg(tmp_path, tiny_llama, lora_init="loftq", loftq_iters=2, max_steps=2, save_steps=0)),
+              progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(Path(out["output_dir"]) / "adapter_model.safetensors"), framework="pt") as f:
+        recorded = json.loads(f.metadata()["qlora_quant"])
+    assert recorded["lora_init"] == {"method": "loftq", "r": 4, "scaling": 4.0, "iters": 2}

@@ -6,12 +6,16 @@ weights are read once) and measured by
 - mean zero-shot accuracy over the multiple-choice tasks (a few examples each by default),
 - bits per parameter of the stored linear weights (codes + block scales + DQ constants), from the
   tensors themselves, parameter-weighted over every Linear4bit; 16 for bf16.
+A format may carry a LoRA initialisation, "nf4+dq/loftq16" or "nf4+dq/pissa64": the model measured
+is then Q + s·BA at step 0 (nn.lora_init, alpha 16, LoftQ 5 iterations), and its LoRA parameters
+are reported apart from the base's bits.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -19,21 +23,40 @@ from ..errors import QloraError
 from ..quant import QUANT_TYPES
 from ..quant.spec import DEFAULT, UNQUANTIZED, QuantSpec
 
-_SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?$")
+_SPEC = re.compile(r"^(?P<type>[a-z0-9_]+)(?P<dq>\+dq)?(?:@(?P<bs>\d+))?(?:/(?P<init>loftq|pissa)(?P<r>\d+))?$")
+_STUDY_ALPHA = 16.0  # LoRA alpha of the step-0 LoftQ / PiSSA rows (Q + s·BA does not depend on it)
 
 
-def parse_datatype(spec: str) -> QuantSpec:
-    """"bf16", "nf4", "nf4+dq", "fp4+dq@128" ... -> QuantSpec (its .name is the spelling back; no
-    "+dq" means without Double Quantization here, no "@" the default blocksize)."""
+@dataclass(frozen=True)
+class DataType:
+    """One row of the study: a 4-bit format (or bf16), optionally with a LoRA initialisation whose
+    step-0 model Q + s·BA is measured (LoRA rank `rank`)."""
+    quant: QuantSpec
+    lora_init: str = "gaussian"  # or "loftq" / "pissa"
+    rank: int = 0
+
+    @property
+    def name(self) -> str:
+        """'nf4+dq@64', 'bf16', 'nf4+dq@64/loftq16'."""
+        init = "" if self.lora_init == "gaussian" else f"/{self.lora_init}{self.rank}"
+        return self.quant.name + init
+
+
+def parse_datatype(spec: str) -> DataType:
+    """"bf16", "nf4", "nf4+dq", "fp4+dq@128", "nf4+dq/loftq16" ... -> DataType (its .name is the
+    spelling back; no "+dq" means without Double Quantization here, no "@" the default blocksize)."""
     m = _SPEC.match(spec.strip().lower())
     unquantized = m is not None and m["type"] == UNQUANTIZED
-    if not m or (not unquantized and m["type"] not in QUANT_TYPES) or (unquantized and (m["dq"] or m["bs"])):
-        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE] with TYPE one of bf16, "
+    if not m or (not unquantized and m["type"] not in QUANT_TYPES) \
+            or (unquantized and (m["dq"] or m["bs"] or m["init"])) or (m["init"] and int(m["r"]) < 1):
+        raise QloraError(f"data type {spec!r}: write TYPE[+dq][@BLOCKSIZE][/loftqR|/pissaR] with TYPE one of bf16, "
                          f"{', '.join(QUANT_TYPES)}")
-    return QuantSpec(m["type"], int(m["bs"] or DEFAULT.blocksize), bool(m["dq"]))
+    quant = QuantSpec(m["type"], int(m["bs"] or DEFAULT.blocksize), bool(m["dq"]))
+    return DataType(quant, m["init"] or "gaussian", int(m["r"] or 0))
 
 
-DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256")
+DEFAULT_DATATYPES = ("bf16", "int4", "fp4_e3m0", "fp4", "fp4+dq", "nf4", "nf4+dq", "nf4+dq@128", "nf4+dq@256",
+                     "bof4", "bof4+dq", "bof4s", "bof4s+dq")
 
 
 def linear_bits(net) -> tuple[float, int]:
@@ -66,18 +89,22 @@ def model_megabytes(net) -> float:
     return total / 2**20
 
 
-def quantized_copy(base, dtype: QuantSpec, compute_dtype: torch.dtype):
-    from ..nn.surgery import quantize_model
+def quantized_copy(base, dtype: DataType, compute_dtype: torch.dtype):
+    from ..nn import lora_init
+    from ..nn.surgery import add_lora, quantize_model
 
     net = copy.deepcopy(base)
-    if dtype.quantized:
-        quantize_model(net, dtype, compute_dtype)
-    else:  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
+    init = lora_init.spec(dtype.lora_init, dtype.rank, _STUDY_ALPHA)
+    if dtype.quant.quantized:
+        quantize_model(net, dtype.quant, compute_dtype, lora_init=init)
+    if init:  # takes the factors the quantization left on each layer: the model is Q + s·BA
+        add_lora(net, r=dtype.rank, alpha=_STUDY_ALPHA, dropout=0.0)
+    if not dtype.quant.quantized:  # the 16-bit row is bf16 weights whatever the compute dtype (fp32 under auto on AVX2)
         net.to(torch.bfloat16)
     return net.to(compute_dtype)
 
 
-def study(base, tokenizer, dtypes: list[QuantSpec], ids: torch.Tensor, tasks: dict[str, list], window: int = 1024,
+def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dict[str, list], window: int = 1024,
           adapters=(), compute_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8, progress: bool = True,
           log=print) -> list[dict]:
     """One result row per data type (see module doc). `tasks`: name -> questions (choice.load_task)."""
@@ -91,10 +118,13 @@ def study(base, tokenizer, dtypes: list[QuantSpec], ids: torch.Tensor, tasks: di
         for path in adapters:
             load_adapter(net, path)
         bits, params = linear_bits(net)
+        lora = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
         ppl = perplexity(net, ids, window, progress=progress)
         acc = {name: evaluate_choice(net, tokenizer, qs, name, batch_size, progress).acc for name, qs in tasks.items()}
-        row = dict(datatype=dt.name, quant_type=dt.quant_type, double_quant=dt.double_quant, blocksize=dt.blocksize,
-                   bits_per_param=bits, linear_params=params, model_mb=model_megabytes(net), perplexity=ppl.perplexity,
+        q = dt.quant
+        row = dict(datatype=dt.name, quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize,
+                   bits_per_param=bits, linear_params=params, lora_params=lora, model_mb=model_megabytes(net),
+                   perplexity=ppl.perplexity,
                    ppl_tokens=ppl.tokens, zero_shot_mean=sum(acc.values()) / len(acc) if acc else None, zero_shot=acc)
         log(f"{dt.name:>14}: {bits:.3f} bits/param, ppl {ppl.perplexity:.2f}"
             + (f", zero-shot {row['zero_shot_mean']:.4f}" if acc else ""))

@@ -94,13 +94,17 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
 
 def export_peft(model: str | None, adapters, out: str, overwrite: bool = False, quant: dict | None = None) -> dict:
     """Re-save one adapter in PEFT's layout after applying it to the model (which checks that it fits)."""
-    from ..adapters import read_adapter, save_adapter
+    from ..adapters import read_adapter, recorded_lora_init, save_adapter
     from ..nn.surgery import lora_layers
     from .files import staged_dir
 
     if len(adapters) != 1:
         raise QloraError(f"--format peft exports exactly one --adapter, got {len(adapters)}")
     cfg, _ = read_adapter(adapters[0])
+    init = recorded_lora_init(adapters)
+    if init:  # its A and B fit the LoftQ / PiSSA base, not the original weights PEFT would put under them
+        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which PEFT cannot rebuild; "
+                         "export a merge (qlora merge) or GGUF instead")
     net, _ = load_model(model, list(adapters), compute_dtype=torch.bfloat16, **(quant or {}))
     with staged_dir(out, overwrite) as tmp:  # live layers have dropout 0: keep the one it was trained with
         save_adapter(net, str(tmp), model or DEFAULT_HUB_NAME, dropout=float(cfg.get("lora_dropout", 0.0)))

@@ -17,30 +17,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora as dora_fn
 from . import dropout as seeded
 from . import fused
 from .linear4bit import Linear4bit
 
 
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """s = α/r, or α/√r with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
-                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+                 rslora: bool = False, dtype: torch.dtype = torch.float32, dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be > 0, got {r}")
+        if dora and isinstance(base, LoRALinear):
+            raise ValueError("DoRA needs a plain or 4-bit linear base, not another adapter")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, rslora)
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         seeded.threshold(dropout)  # validates 0 <= p < 1
         self.dropout = dropout
         self.disabled = False  # True: the base layer alone (DPO's reference pass, see `disabled`)
+        self.dora = dora
         self.reset_parameters()
         for p in base.parameters():
             p.requires_grad_(False)
+        if dora:  # qlora.nn.dora: one magnitude per output row, fp32, = ‖W + s·BA‖ so the layer starts as the base
+            self.lora_magnitude = nn.Parameter(dora_fn.row_norm(self))
 
     def reset_parameters(self) -> None:
         # drawn in fp32 whatever the storage dtype: bf16 adapters start from the fp32 run's A, rounded
@@ -54,6 +65,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base(x)
+        if self.dora:  # the fused 4-bit paths below compute plain LoRA only
+            return dora_fn.forward(self, x)
         p = self.dropout if self.training else 0.0
         base = self.base
         if isinstance(base, Linear4bit) and x.dtype == base.compute_dtype and torch.is_grad_enabled():
@@ -76,7 +89,7 @@ class LoRALinear(nn.Module):
         product (_GatedLoRA4bit); the same results either way."""
         base = self.base
         if isinstance(base, Linear4bit) and not self.disabled and gate.dtype == up.dtype == base.compute_dtype \
-                and gate.shape == up.shape and torch.is_grad_enabled():
+                and gate.shape == up.shape and torch.is_grad_enabled() and not self.dora:
             p = self.dropout if self.training else 0.0
             return _GatedLoRA4bit.apply(gate, up, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
                                         seeded.draw_seed() if p > 0 else 0)
@@ -87,7 +100,8 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """Dequantize the base, add s·BA in fp32, return a plain nn.Linear in `dtype`."""
+        """Dequantize the base, add s·BA in fp32 (DoRA: and rescale its rows to m), return a plain
+        nn.Linear in `dtype`."""
         base = self.base.merge(torch.float32) if isinstance(self.base, LoRALinear) else self.base
         if isinstance(base, Linear4bit):
             w = base.dequantized_weight(torch.float32)
@@ -95,17 +109,18 @@ class LoRALinear(nn.Module):
         else:
             w = base.weight.detach().float()
             dtype = dtype or _root_dtype(self)
+        w = dora_fn.merged_weight(self) if self.dora else w + self.delta_weight()
         bias = base.bias
         merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_((w + self.delta_weight()).to(dtype))
+            merged.weight.copy_(w.to(dtype))
             if bias is not None:
                 merged.bias.copy_(bias.detach().to(dtype))
         merged.requires_grad_(False)
         return merged
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, dora={self.dora}"
 
 
 def _lora4bit_forward(x2, a, b, layer: Linear4bit, scaling: float, p: float, seed: int):

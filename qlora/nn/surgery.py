@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import QloraError
 from ..quant.spec import DEFAULT, UNQUANTIZED, QuantSpec
+from . import lora_init as lora_inits
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
 
@@ -35,10 +36,15 @@ def linear_names(net: nn.Module, include_head: bool = False) -> list[str]:
     return [n for n, m in net.named_modules() if _is_linear(m) and (include_head or m is not head)]
 
 
-def quantize_layer(module, name: str, spec: QuantSpec, compute_dtype: torch.dtype, transpose: bool) -> Linear4bit:
+def quantize_layer(module, name: str, spec: QuantSpec, compute_dtype: torch.dtype, transpose: bool,
+                   lora_init: dict | None = None) -> Linear4bit:
     """Linear4bit.from_linear (transpose: a Conv1D's weight), an unquantizable weight (NaN/Inf ...)
-    named in a QloraError."""
+    named in a QloraError. `lora_init` (nn.lora_init.spec): LoftQ / PiSSA, the base quantized with
+    its LoRA factors, which are stashed on the layer for add_lora."""
     try:
+        if lora_init:
+            w = module.weight.detach()
+            return lora_inits.quantized_layer(w.t() if transpose else w, module.bias, spec, compute_dtype, lora_init)
         return Linear4bit.from_linear(module, spec.quant_type, spec.blocksize, spec.double_quant, compute_dtype,
                                       transpose=transpose)
     except ValueError as e:
@@ -47,19 +53,22 @@ def quantize_layer(module, name: str, spec: QuantSpec, compute_dtype: torch.dtyp
 
 def quantize_model(net: nn.Module, spec: QuantSpec = DEFAULT, compute_dtype: torch.dtype = torch.bfloat16,
                    quantize_head: bool = False, *, quant_type: str | None = None, blocksize: int | None = None,
-                   double_quant: bool | None = None) -> nn.Module:
+                   double_quant: bool | None = None, lora_init: dict | None = None) -> nn.Module:
     """Replace linear layers by Linear4bit one at a time (each 16-bit weight freed as we go), in the
-    format `spec` says with each setting given here (not None) replacing its own."""
+    format `spec` says with each setting given here (not None) replacing its own; `lora_init`: see
+    quantize_layer."""
     spec = spec.replace(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     for name in linear_names(net, include_head=quantize_head):
         module = net.get_submodule(name)
-        net.set_submodule(name, quantize_layer(module, f"{name}.weight", spec, compute_dtype, is_conv1d(module)))
+        new = quantize_layer(module, f"{name}.weight", spec, compute_dtype, is_conv1d(module), lora_init)
+        net.set_submodule(name, new)
     return net
 
 
 def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: str = "all",
-             rslora: bool = False, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Wrap target linear layers with LoRALinear (A and B in `dtype`) and freeze everything else.
+             rslora: bool = False, dtype: torch.dtype = torch.float32, dora: bool = False) -> list[str]:
+    """Wrap target linear layers with LoRALinear (A and B in `dtype`; DoRA's magnitude with `dora`)
+    and freeze everything else; LoftQ / PiSSA factors computed while loading start A and B.
     Returns wrapped names."""
     for p in net.parameters():
         p.requires_grad_(False)
@@ -71,7 +80,12 @@ def add_lora(net: nn.Module, r: int = 64, alpha: float = 16.0, dropout: float = 
     if not names:
         raise QloraError(f"no linear layers match lora_targets={targets!r}")
     for name in names:
-        net.set_submodule(name, LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype))
+        layer = LoRALinear(net.get_submodule(name), r, alpha, dropout, rslora, dtype, dora)
+        try:
+            lora_inits.take_stashed(layer)
+        except ValueError as e:
+            raise QloraError(f"{name}: {e}; train with the lora_r / lora_alpha the model was loaded for") from None
+        net.set_submodule(name, layer)
     return names
 
 
@@ -86,12 +100,12 @@ def lora_layers(net: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_settings(net: nn.Module) -> dict:
-    """r, alpha, dropout, rslora of the model's (outermost) LoRA layers; QloraError when it has none."""
+    """r, alpha, dropout, rslora, dora of the model's (outermost) LoRA layers; QloraError when it has none."""
     layers = list(lora_layers(net).values())
     if not layers:
         raise QloraError("the model has no LoRA layers")
     first = layers[0]
-    return dict(r=first.r, alpha=first.alpha, dropout=first.dropout, rslora=first.rslora)
+    return dict(r=first.r, alpha=first.alpha, dropout=first.dropout, rslora=first.rslora, dora=first.dora)
 
 
 def quant_formats(net: nn.Module) -> set[QuantSpec]:

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .codebooks import code4
+from .codebooks import SIGNED_SCALE_TYPES, code4
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,8 +55,8 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 @functools.cache
-def _bounds_and_order(quant_type: str, device: torch.device):
-    code = code4(quant_type, device)
+def _bounds_and_order(quant_type: str, device: torch.device, blocksize: int = 64):
+    code = code4(quant_type, device, blocksize)
     order = torch.argsort(code, stable=True)  # NF4 is sorted; FP4/Int4 need a remap
     sorted_code = code[order]
     return (sorted_code[:-1] + sorted_code[1:]) / 2, order.to(torch.uint8)
@@ -80,16 +80,44 @@ def _scale(flat32: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.
 
 
 def quantize_4bit_ref(w: torch.Tensor, quant_type: str, blocksize: int):
-    """Reference 4-bit quantizer. Returns (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])."""
+    """Reference 4-bit quantizer. Returns (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
+    Signed-scale types (bof4s) store absmax · sign of the block's largest-magnitude value."""
     check_input(w, blocksize)
+    if quant_type in SIGNED_SCALE_TYPES:
+        return signed_scale_quantize(w, blocksize, lambda v: _quantize_absmax(v, quant_type, blocksize))
+    return _quantize_absmax(w, quant_type, blocksize)
+
+
+def _quantize_absmax(w: torch.Tensor, quant_type: str, blocksize: int):
     flat = w.reshape(-1)
     absmax = block_absmax(flat, blocksize)
     scaled = _scale(flat.float(), absmax, blocksize)
     if scaled.numel() % 2:  # the spare low nibble holds the code of 0.0 (0x7 for NF4)
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    bounds, order = _bounds_and_order(quant_type, w.device)
+    bounds, order = _bounds_and_order(quant_type, w.device, blocksize)
     q = order[torch.bucketize(scaled, bounds)]
     return pack_nibbles(q), absmax
+
+
+def block_signs(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 [blocks]: the sign of each block's largest-magnitude value (the first one on a tie;
+    +1 for an all-zero block)."""
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat.float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    top = padded.gather(1, padded.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(top < 0, -1.0, 1.0)
+
+
+def signed_scale_quantize(w: torch.Tensor, blocksize: int, quantize_flipped):
+    """Signed absmax (bof4s): flip every block whose largest-magnitude value is negative, quantize
+    with the plain absmax (the maximum lands on +1), put the sign into the scale. Exact: negation
+    commutes with x · (1/absmax) and with the clamp, so the codes equal those of x / (signed scale)."""
+    flat = w.reshape(-1)
+    signs = block_signs(flat, blocksize)
+    per_elem = signs.repeat_interleave(blocksize)[: flat.numel()].to(w.dtype)
+    packed, absmax = quantize_flipped((flat * per_elem).reshape(w.shape))
+    return packed, absmax * signs
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

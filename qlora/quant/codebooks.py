@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from .optimal import BOF4_TABLES, OPTIMAL_TYPES
+
 # NF4 (QLoRA paper, section 3): 16 levels at normal quantiles, exact zero, normalized to [-1, 1].
 # Written once as data; `derive_nf4()` rebuilds it from the normal quantiles and tests compare.
 NF4 = (
@@ -48,13 +50,21 @@ _INT4_RAW = (7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7)
 
 NF4_OFFSET = 0.9677083  # outermost quantile used by the NF4 construction (paper, eq. 4)
 
-QUANT_TYPES = ("nf4", "fp4", "fp4_e3m0", "int4")
+QUANT_TYPES = ("nf4", "fp4", "fp4_e3m0", "int4", *OPTIMAL_TYPES)
+# Types whose block scale is the signed largest-magnitude value (it maps to +1), not the absmax
+SIGNED_SCALE_TYPES = ("bof4s",)
 
 
 @functools.cache
-def _code4_cpu(quant_type: str) -> torch.Tensor:
+def _code4_cpu(quant_type: str, blocksize: int) -> torch.Tensor:
     if quant_type == "nf4":
         return torch.tensor(NF4, dtype=torch.float32)
+    if quant_type in OPTIMAL_TYPES:  # derived per block size: the normalised density depends on it
+        table = BOF4_TABLES[quant_type].get(blocksize)
+        if table is None:
+            sizes = sorted(BOF4_TABLES[quant_type])
+            raise ValueError(f"{quant_type} has tables for block sizes {sizes}, not {blocksize}")
+        return torch.tensor(table, dtype=torch.float32)
     raw = {"fp4": _FP4_E2M1_RAW, "fp4_e3m0": _FP4_E3M0_RAW, "int4": _INT4_RAW}.get(quant_type)
     if raw is None:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
@@ -62,10 +72,11 @@ def _code4_cpu(quant_type: str) -> torch.Tensor:
     return data.div_(data.abs().max())
 
 
-def code4(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 table of a 4-bit data type (index = 4-bit code). A fresh copy: a caller
-    that edits its tensor in place (state dicts are mutable) must not change the format."""
-    return _code4_cpu(quant_type).to(device, copy=True)
+def code4(quant_type: str, device: torch.device | str = "cpu", blocksize: int = 64) -> torch.Tensor:
+    """The 16-entry fp32 table of a 4-bit data type (index = 4-bit code) for blocks of `blocksize`
+    (only bof4/bof4s depend on it). A fresh copy: a caller that edits its tensor in place (state
+    dicts are mutable) must not change the format."""
+    return _code4_cpu(quant_type, blocksize if quant_type in OPTIMAL_TYPES else 0).to(device, copy=True)
 
 
 def derive_nf4(offset: float = NF4_OFFSET) -> torch.Tensor:

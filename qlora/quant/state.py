@@ -69,7 +69,7 @@ def quantize(w: torch.Tensor, quant_type: str = DEFAULT.quant_type, blocksize: i
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     check_input(w, blocksize)
     data, absmax = kernels.quantize_4bit(w.detach(), quant_type, blocksize)
-    q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device))
+    q = QuantizedTensor(data, absmax, w.shape, w.dtype, quant_type, blocksize, code4(quant_type, w.device, blocksize))
     if double_quant:
         q.offset = absmax.mean().reshape(1)
         if not bool(torch.isfinite(q.offset)):  # fp32 sum of block absmaxes overflowed
@@ -138,7 +138,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> Quan
         raise ValueError(f"'{keys[0]}': unknown quant_type {quant_type!r}")
     n = shape.numel()
     if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2:
-        raise ValueError(f"'{prefix}': expected {(n + 1) // 2} packed uint8 bytes for shape {list(shape)}, got {data.numel()} {data.dtype}")
+        raise ValueError(f"'{prefix}': expected {(n + 1) // 2} packed uint8 bytes for shape {list(shape)}, "
+                         f"got {data.numel()} {data.dtype}")
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"'{prefix}.absmax': expected {-(-n // blocksize)} block scales, got {absmax.numel()}")
     q = QuantizedTensor(data.reshape(-1, 1), absmax, shape, dtype, quant_type, blocksize, code.float())

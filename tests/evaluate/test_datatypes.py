@@ -18,6 +18,33 @@ def test_plot_gives_coinciding_points_one_label(tmp_path):
     assert (tmp_path / "dt.png").stat().st_size > 1000
 
 
+def test_lora_init_rows_measure_q_plus_ba_at_step_0(tiny_llama):
+    import pytest
+    import torch
+
+    from qlora import hf
+    from qlora.errors import QloraError
+    from qlora.evaluate.datatypes import DataType, parse_datatype, quantized_copy
+    from qlora.nn.surgery import lora_layers
+    from qlora.quant.spec import QuantSpec
+
+    dt = parse_datatype("bof4+dq/pissa4")
+    assert dt == DataType(QuantSpec("bof4", 64, True), "pissa", 4) and dt.name == "bof4+dq@64/pissa4"
+    for bad in ("bf16/loftq4", "nf4/loftq0", "nf4/svd4"):
+        with pytest.raises(QloraError, match=r"TYPE\[\+dq\]\[@BLOCKSIZE\]\[/loftqR\|/pissaR\]"):
+            parse_datatype(bad)
+    base, _ = hf.load(tiny_llama, quant_type="bf16", compute_dtype=torch.float32)
+    plain = quantized_copy(base, parse_datatype("nf4+dq"), torch.float32)
+    for spec in ("nf4+dq/loftq4", "nf4+dq/pissa4"):
+        net = quantized_copy(base, parse_datatype(spec), torch.float32)
+        layers = lora_layers(net)
+        assert len(layers) == 14 and all(layer.r == 4 and layer.dropout == 0.0 for layer in layers.values())
+        for name, layer in layers.items():
+            w = base.get_submodule(name).weight
+            plain_error = (w - plain.get_submodule(name).dequantized_weight(torch.float32)).norm()
+            assert (w - layer.merge(torch.float32).weight).norm() < plain_error
+
+
 def test_bf16_row_rounds_weights_to_bf16_whatever_the_compute_dtype():
     # under --compute-dtype auto an AVX2 CPU computes in fp32: the "bf16" row must still be bf16 weights
     import torch

@@ -22,6 +22,7 @@ from qlora.export import export, merge
 from qlora.export.files import ShardWriter
 from qlora.generate import GenerationSettings, generate, load_model
 from qlora.nn import Linear4bit
+from qlora.nn.surgery import quant_of
 from qlora.quant import dequantize, quantize
 from tiny import save_tiny, save_tiny_adapter
 from quant.helpers import bnb_canonical  # tests/quant/helpers.py
@@ -130,11 +131,30 @@ def test_bnb_export_loads_in_transformers_with_identical_weights(tiny, tmp_path)
     assert (theirs_logits - logits(ours, tok)).abs().max() < 0.05  # bf16 compute on both sides
 
 
-def test_bnb_export_refuses_formats_bitsandbytes_lacks(tmp_path):
+@pytest.mark.parametrize("quant_type", ["int4", "bof4", "bof4s"])
+def test_bnb_export_refuses_formats_bitsandbytes_lacks(tmp_path, quant_type):
     model_dir = save_tiny(str(tmp_path / "m"))
-    with pytest.raises(QloraError, match="bitsandbytes stores only"):
-        export(model_dir, [], str(tmp_path / "out"), "bnb", quant_type="int4")
+    with pytest.raises(QloraError, match=f"bitsandbytes stores only nf4 and fp4, not {quant_type}; .*GGUF instead$"):
+        export(model_dir, [], str(tmp_path / "out"), "bnb", quant_type=quant_type)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+@pytest.mark.parametrize("quant_type", ["bof4", "bof4s"])
+def test_merge_and_gguf_of_an_optimal_codebook_base(tiny, tmp_path, quant_type):
+    """bitsandbytes cannot hold bof4, but the 16-bit merge and GGUF (which dequantize) can."""
+    live, tok = load_model(tiny[0], [tiny[1]], quant_type=quant_type, compute_dtype=torch.float32)
+    assert quant_of(live).quant_type == quant_type
+    merge(tiny[0], [tiny[1]], str(tmp_path / "merged"), "fp32", quant_type=quant_type)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    want = logits(live, tok)
+    assert torch.allclose(logits(reloaded, tok), want, rtol=0, atol=1e-5)
+    nf4, _ = load_model(tiny[0], [tiny[1]], compute_dtype=torch.float32)
+    assert (logits(nf4, tok) - want).abs().max() > 1e-4  # a different base indeed
+    path = tmp_path / "m.gguf"
+    export(tiny[0], [tiny[1]], str(path), "gguf-f16", quant_type=quant_type)
+    gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                                quantization_config=GgufConfig(dequantize=True))
+    assert (logits(gguf, tok) - want).abs().max() < 5e-3
 
 
 @pytest.mark.parametrize("fmt,tol", [("f16", 5e-3), ("q8_0", 5e-2)])

@@ -17,6 +17,16 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloa
 FAMILIES = ("normal", "heavy", "tiny", "subnormal", "huge")
 
 
+def block_scales(q) -> torch.Tensor:
+    """The fp32 scale of each block, Double Quantization undone: what the codes are multiplied by."""
+    from qlora.quant import kernels
+
+    if q.nested is None:
+        return q.absmax
+    nested_absmax, nested_code, offset, nested_blocksize = q.nested
+    return kernels.dequantize_8bit(q.absmax, nested_absmax, nested_code, nested_blocksize) + offset
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Same-width integer view, so that equality is bit equality (+0.0 != -0.0)."""
     return t.contiguous().view(_INT_VIEW[t.dtype])

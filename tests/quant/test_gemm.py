@@ -32,7 +32,9 @@ def test_matches_dequantize_then_matmul(k, rows, double_quant):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("quant_type,blocksize", [("fp4", 32), ("int4", 128)])
+# bof4/bof4s: per-block-size tables, and bof4s' negative (signed) scales through the same kernel
+@pytest.mark.parametrize("quant_type,blocksize",
+                         [("fp4", 32), ("int4", 128), ("bof4", 64), ("bof4s", 32), ("bof4s", 128)])
 def test_other_codebooks_and_blocksizes(k, quant_type, blocksize):
     q, nested = _q((40, 256), quant_type, True, blocksize)
     x = torch.randn(5, 256)

@@ -34,9 +34,9 @@ def _zero_some_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_4bit_quantize_and_dequantize_match_reference(k, dtype, quant_type):
     gen = torch.Generator().manual_seed(10 * DTYPES.index(dtype) + QUANT_TYPES.index(quant_type))
-    code = code4(quant_type)
     for i, n in enumerate(COUNTS):
         blocksize = ref.BLOCKSIZES[i % len(ref.BLOCKSIZES)]
+        code = code4(quant_type, "cpu", blocksize)  # bof4/bof4s: a table per block size
         x = _zero_some_blocks(sample((n,), dtype, FAMILIES[i % len(FAMILIES)], gen), blocksize)
         packed, absmax = ref.quantize_4bit_ref(x, quant_type, blocksize)
         fast_packed, fast_absmax = k.quant.quantize_4bit(x, quant_type, blocksize)
@@ -65,8 +65,9 @@ def test_random_configurations_match_reference(k):
         nested = (absmax2, dynamic_map(True), absmax.mean(), 256)
         scales = ref.dequantize_8bit_ref(q8, absmax2, dynamic_map(True), 256) + absmax.mean()
         out_dtype = pick(DTYPES)
-        want = ref.dequantize_4bit_ref(packed, scales, code4(quant_type), blocksize, (n,), out_dtype)
-        got = k.quant.dequantize_4bit(packed, q8, code4(quant_type), blocksize, (n,), out_dtype, nested)
+        code = code4(quant_type, "cpu", blocksize)
+        want = ref.dequantize_4bit_ref(packed, scales, code, blocksize, (n,), out_dtype)
+        got = k.quant.dequantize_4bit(packed, q8, code, blocksize, (n,), out_dtype, nested)
         assert_bits_equal(got, want, what)
 
 

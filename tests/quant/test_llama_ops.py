@@ -13,11 +13,12 @@ from qlora import quant
 from qlora.quant.fast.llama_structs import DecodeLinears, block_keys, int8_screen, unblock_keys
 
 from . import probes
+from .helpers import block_scales
 
 
-def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0):
+def _linear(n, k, blocksize=64, double_quant=True, lora=True, bias=True, seed=0, quant_type="nf4"):
     g = torch.Generator().manual_seed(seed)
-    q = quant.quantize(torch.randn(n, k, generator=g) * 0.05, "nf4", blocksize, double_quant)
+    q = quant.quantize(torch.randn(n, k, generator=g) * 0.05, quant_type, blocksize, double_quant)
     spec = dict(packed=q.data, absmax=q.absmax, code=q.code, blocksize=blocksize, shape=(n, k), nested=q.nested,
                 bias=torch.randn(n, generator=g) if bias else None)
     if lora:
@@ -43,6 +44,16 @@ def _expected(q, spec, x):
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_linear_matches_dequantize_then_matmul(k, double_quant, lora, bias, blocksize):
     q, spec = _linear(40, 384, blocksize, double_quant, lora, bias)
+    x = torch.randn(384).bfloat16()
+    out = k.llama.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
+    torch.testing.assert_close(out.double(), _expected(q, spec, x), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["bof4", "bof4s"])  # other tables; bof4s: signed block scales
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear_with_an_optimal_codebook(k, quant_type, double_quant):
+    q, spec = _linear(40, 384, 128, double_quant, quant_type=quant_type)
+    assert bool((block_scales(q) < 0).any()) == (quant_type == "bof4s")
     x = torch.randn(384).bfloat16()
     out = k.llama.decode_linears(DecodeLinears([spec]), x, torch.empty(40))
     torch.testing.assert_close(out.double(), _expected(q, spec, x), rtol=0, atol=5e-5)

@@ -16,9 +16,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qlora
-from qlora.quant import QUANT_TYPES, code4, kernels
+from qlora.quant import QUANT_TYPES, code4
 
-from .helpers import assert_bits_equal
+from .helpers import assert_bits_equal, block_scales
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -36,17 +36,11 @@ def tensors(draw) -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float64).clamp(-fmax, fmax).reshape(rows, -1).to(dtype)
 
 
-def _half_largest_gap(quant_type: str) -> float:
-    code = code4(quant_type).sort().values
-    return float((code[1:] - code[:-1]).max()) / 2
-
-
-def _block_scales(q) -> torch.Tensor:
-    """The fp32 scale of each block, Double Quantization undone: what the codes are multiplied by."""
-    if q.nested is None:
-        return q.absmax
-    nested_absmax, nested_code, offset, nested_blocksize = q.nested
-    return kernels.dequantize_8bit(q.absmax, nested_absmax, nested_code, nested_blocksize) + offset
+def _largest_error(quant_type: str, blocksize: int) -> float:
+    """Half the largest gap between levels, or the distance from -1 to the lowest level where the
+    table stops short of it (bof4s: the block maximum always lands on +1, so values stop above -1)."""
+    code = code4(quant_type, "cpu", blocksize).sort().values
+    return max(float((code[1:] - code[:-1]).max()) / 2, float(code[0]) + 1)
 
 
 def _block_view(t: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -63,9 +57,9 @@ def test_error_is_at_most_half_the_largest_gap(w, quant_type, blocksize, double_
     x = _block_view(w, blocksize)
     err = (_block_view(qlora.dequantize(q, torch.float32), blocksize) - x).abs()
     absmax = x.abs().amax(dim=1, keepdim=True)
-    stored = _block_scales(q).double()[:, None]  # = absmax, up to Double Quantization's error
+    stored = block_scales(q).double()[:, None].abs()  # = absmax up to DQ's error (bof4s: signed)
     # scaling and the final product each round once in fp32 (2^-23 relative, with margin)
-    bound = _half_largest_gap(quant_type) * absmax + (stored - absmax).abs() + (absmax + stored) * 2.0**-21
+    bound = _largest_error(quant_type, blocksize) * absmax + (stored - absmax).abs() + (absmax + stored) * 2.0**-21
     assert bool((err <= bound).all()), f"worst excess {float((err - bound).max()):.3g}"
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import qlora
 from qlora.quant import QUANT_TYPES
 from qlora.quant.blockwise import BLOCKSIZES
+from qlora.quant.codebooks import code4
 
 from .helpers import assert_bits_equal, bnb_dequantize_4bit
 
@@ -115,7 +116,9 @@ def test_bits_per_parameter_from_stored_sizes(shape, blocksize, double_quant):
 # ---- zeros and bad input ----
 
 
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+# bof4/bof4s have no zero level (MSE does not ask for one): an all-zero block comes back as
+# code x scale with scale 0 (or a DQ-rounded one), not as exact zeros; README says so
+@pytest.mark.parametrize("quant_type", [t for t in QUANT_TYPES if 0.0 in code4(t).tolist()])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_all_zero_tensor_dequantizes_to_exact_zeros(kernel_path, quant_type, double_quant):
     q = qlora.quantize(torch.zeros(10, 70, dtype=torch.float16), quant_type, 64, double_quant)

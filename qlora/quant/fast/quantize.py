@@ -17,8 +17,8 @@ _HUGEPAGE_MIN_BYTES = 1 << 23  # 4 huge pages; smaller buffers usually come back
 
 
 @functools.cache
-def _code4_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    bounds, order = ref._bounds_and_order(quant_type, torch.device("cpu"))
+def _code4_tables(quant_type: str, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    bounds, order = ref._bounds_and_order(quant_type, torch.device("cpu"), blocksize)
     # the SIMD kernel skips the clamp to [-1, 1], which is exact only while no bound reaches +-1
     if not bool(((bounds > -1) & (bounds < 1)).all()):
         raise ValueError(f"{quant_type}: codebook midpoints must lie strictly inside (-1, 1)")
@@ -77,9 +77,14 @@ class QuantizeOps:
 
     def quantize_4bit(self, w: torch.Tensor, quant_type: str, blocksize: int):
         ref.check_input(w, blocksize)
+        if quant_type in ref.SIGNED_SCALE_TYPES:  # the kernel quantizes the sign-flipped blocks
+            return ref.signed_scale_quantize(w, blocksize, lambda v: self._quantize_absmax(v, quant_type, blocksize))
+        return self._quantize_absmax(w, quant_type, blocksize)
+
+    def _quantize_absmax(self, w: torch.Tensor, quant_type: str, blocksize: int):
         x = w.detach().contiguous().reshape(-1)
         n, nblocks = x.numel(), -(-x.numel() // blocksize)
-        bounds, order = _code4_tables(quant_type)
+        bounds, order = _code4_tables(quant_type, blocksize)
         packed = self._empty(((n + 1) // 2, 1), torch.uint8)
         absmax = torch.empty(nblocks, dtype=torch.float32)
         bad = self._lib.qlora_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
