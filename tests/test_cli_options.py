@@ -20,7 +20,8 @@ def parser():
 
 @pytest.mark.parametrize("verb", MODEL_VERBS, ids=lambda v: " ".join(v[:2]))
 def test_every_model_verb_takes_the_base_format_and_both_dtype_spellings(parser, verb):
-    args = parser.parse_args([*verb, "--quant-type", "fp4", "--blocksize", "32", "--no-double-quant", "--dtype", "fp32"])
+    args = parser.parse_args([*verb, "--quant-type", "fp4", "--blocksize", "32", "--no-double-quant",
+                              "--dtype", "fp32"])
     assert (args.quant_type, args.blocksize, args.double_quant, args.dtype) == ("fp4", 32, False, "float32")
     assert parser.parse_args([*verb, "--dtype", "bfloat16"]).dtype == "bfloat16"
     assert parser.parse_args([*verb, "--dtype", "bf16"]).dtype == "bfloat16"

@@ -28,7 +28,8 @@ def add_common(p: argparse.ArgumentParser, limit_help: str, batch_size: int | No
     p.add_argument("--limit", type=int, default=None, help=limit_help)
     p.add_argument("--output", metavar=output[0], help=output[1])
     if batch_size is not None:
-        p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per forward pass (default: {batch_size})")
+        p.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"sequences per forward pass (default: {batch_size})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -86,10 +87,12 @@ def _register_perplexity(verbs) -> None:
     p = verbs.add_parser("perplexity", help="perplexity on a text file or dataset column",
                          description="Token-weighted perplexity: the text is tokenized once and cut into windows "
                          "(non-overlapping by default; --stride < --window for a sliding window).")
-    p.add_argument("--data", metavar="FILE", help="text file, or dataset file with --column (default: the shared WikiText-2 test text)")
+    p.add_argument("--data", metavar="FILE",
+                   help="text file, or dataset file with --column (default: the shared WikiText-2 test text)")
     p.add_argument("--column", help="string column of a dataset file, rows joined by blank lines (default: text)")
     p.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window, no overlap)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: --window, no overlap)")
     p.add_argument("--max-tokens", type=int, default=32768, help="use the first N tokens, 0 = all (default: 32768)")
     add_quant_args(p)
     add_common(p, "evaluate at most N windows", batch_size=1)
@@ -122,7 +125,8 @@ def _register_choice(verbs) -> None:
     p = verbs.add_parser("choice", help="zero-shot multiple choice accuracy (ARC, PIQA, HellaSwag, WinoGrande, JSONL)",
                          description="acc and acc_norm (lm-evaluation-harness definitions) per task.")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated task names or JSONL files with query/choices/gold (default: {','.join(DEFAULT_TASKS)})")
+                   help="comma-separated task names or JSONL files with query/choices/gold "
+                   f"(default: {','.join(DEFAULT_TASKS)})")
     add_quant_args(p)
     add_common(p, "first N questions of each task")
     p.set_defaults(func=_run_choice)
@@ -166,7 +170,8 @@ def _run_mmlu(args) -> int:
     model, tokenizer = load(args)
     r = evaluate_mmlu(model, tokenizer, dev, test, args.shots, args.batch_size, args.progress)
     rows = [[s, d["n"], f"{d['accuracy']:.4f}"] for s, d in r.subjects.items()]
-    rows += [["**all questions**", r.n, f"{r.accuracy:.4f}"], ["**mean of subjects**", len(r.subjects), f"{r.subject_mean:.4f}"]]
+    rows += [["**all questions**", r.n, f"{r.accuracy:.4f}"],
+             ["**mean of subjects**", len(r.subjects), f"{r.subject_mean:.4f}"]]
     payload = dict(settings(model, args), shots=args.shots, **r.to_dict())
     return finish(args, payload, markdown_table(["subject", "n", "accuracy"], rows))
 
@@ -225,11 +230,13 @@ def _run_datatypes(args) -> int:
 # ---- generation ----
 
 def _register_generate(verbs) -> None:
-    p = verbs.add_parser("generate", help="answer a prompt set (Vicuna-bench JSONL or prompt/question/instruction rows)",
+    p = verbs.add_parser("generate",
+                         help="answer a prompt set (Vicuna-bench JSONL or prompt/question/instruction rows)",
                          description="Answers go through the chat template; one JSONL row per prompt with the "
                          "answer and the settings used, ready for `qlora eval judge`.")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="prompt set (default: the shared vicuna_bench_80.jsonl)")
-    p.add_argument("--name", help="system name recorded in the answers (default: the adapter's directory name, or 'base')")
+    p.add_argument("--name",
+                   help="system name recorded in the answers (default: the adapter's directory name, or 'base')")
     add_quant_args(p)
     add_sampling_args(p)
     add_chat_format_arg(p)
@@ -256,7 +263,8 @@ def _run_generate(args) -> int:
     rows = answer_all(model, tokenizer, prompts, s, name, args.output, info, args.progress)
     seconds = sum(r["seconds"] for r in rows)
     print(markdown_table(["system", "prompts", "mean answer chars", "seconds"],
-                         [[name, len(rows), f"{sum(len(r['answer']) for r in rows) / len(rows):.0f}", f"{seconds:.1f}"]]))
+                         [[name, len(rows), f"{sum(len(r['answer']) for r in rows) / len(rows):.0f}",
+                           f"{seconds:.1f}"]]))
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -272,9 +280,11 @@ def _register_judge(verbs) -> None:
     p.add_argument("--judge", choices=("api", "local", "human"), default="local", help="who judges (default: local)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL for --judge api, e.g. https://api.openai.com/v1")
     p.add_argument("--judge-model", default="gpt-4", help="model name sent to the endpoint (default: gpt-4)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: OPENAI_API_KEY)")
     p.add_argument("--judgments", metavar="FILE.jsonl",
-                   help="append each judgment here and skip those already in it (default: OUTPUT.judgments.jsonl with --output)")
+                   help="append each judgment here and skip those already in it "
+                   "(default: OUTPUT.judgments.jsonl with --output)")
     p.add_argument("--one-order", action="store_true", help="judge each pair once, not in both orders")
     add_elo_args(p)
     add_quant_args(p)
@@ -330,7 +340,8 @@ def _write_md(args, table: str) -> None:
 
 def _register_elo(verbs) -> None:
     p = verbs.add_parser("elo", help="Elo ratings and win/tie/loss tables from judgment files",
-                         description="Elo as in the paper: start 1000, K=32, mean and 95% interval over random match orders.")
+                         description="Elo as in the paper: start 1000, K=32, mean and 95% interval "
+                         "over random match orders.")
     p.add_argument("judgments", nargs="+", metavar="JUDGMENTS.jsonl", help="files written by `qlora eval judge`")
     add_elo_args(p)
     p.add_argument("--output", metavar="FILE.json", help="also write the results as JSON")
@@ -364,7 +375,8 @@ def _register_compare(verbs) -> None:
     p.add_argument("b", metavar="B", help="adapter directory, or 'base'")
     p.add_argument("--data", required=True, metavar="FILE", help="held-out rows (alpaca / chat / completion / guanaco)")
     p.add_argument("--data-format", default="auto", help="row format (default: auto-detect)")
-    p.add_argument("--metric", choices=METRICS, default="loss", help="per-example answer loss or greedy exact match (default: loss)")
+    p.add_argument("--metric", choices=METRICS, default="loss",
+                   help="per-example answer loss or greedy exact match (default: loss)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer budget for exact match (default: 64)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per example for the loss (default: 1024)")
     p.add_argument("--rounds", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
@@ -392,5 +404,6 @@ def _run_compare(args) -> int:
     r = summarize(args.metric, scores[0], scores[1], args.rounds, args.seed)
     lo, hi = r["ci95"]
     table = markdown_table(["metric", "n", "A", "B", "A − B", "95% CI", "verdict"],
-                           [[args.metric, r["n"], r["mean_a"], r["mean_b"], r["diff"], f"[{lo:.4f}, {hi:.4f}]", r["verdict"]]])
+                           [[args.metric, r["n"], r["mean_a"], r["mean_b"], r["diff"], f"[{lo:.4f}, {hi:.4f}]",
+                             r["verdict"]]])
     return finish(args, dict(a=sides[0], b=sides[1], data=args.data, format=fmt, **r), table)

@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--name", help="model id clients send as \"model\" (default: the model's directory or file name)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model before 503 (default: 16)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the model before 503 (default: 16)")
     add_model_args(p)
     add_chat_format_arg(p)
     p.set_defaults(func=run)

@@ -18,7 +18,8 @@ from .load import type_name
 Segments = list[tuple[str, bool]]
 CHAT_FORMATS = get_args(ChatFormat)  # the config's Literal is the one list
 FALLBACK = "guanaco"  # what `auto` uses for a tokenizer without a chat template
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
 # name -> (system text -> prompt, user text -> prompt, the prompt that opens an answer, answer -> target)
 _NAMED = {
     "guanaco": (lambda s: s, lambda u: f"### Human: {u}", "### Assistant:", lambda a: f" {a}"),
@@ -45,7 +46,8 @@ _JINJA = {
                "{{% else %}}" + _NL * 2 + "### Instruction:" + _NL + "{{{{ m['content'] }}}}{{% endif %}}{{% endfor %}}"
                "{{% if add_generation_prompt %}}" + _NL * 2 + "### Response:" + _NL + "{{% endif %}}"),
     "chatml": ("{prefix}{{% for m in messages %}}" + _ROLE + "<|im_start|>{{{{ r }}}}" + _NL + "{{{{ m['content'] }}}}"
-               "<|im_end|>{{% if r == 'assistant' %}}{{{{ eos_token if eos_token and eos_token != '<|im_end|>' else '' }}}}"
+               "<|im_end|>{{% if r == 'assistant' %}}"
+               "{{{{ eos_token if eos_token and eos_token != '<|im_end|>' else '' }}}}"
                "{{% else %}}" + _NL + "{{% endif %}}{{% endfor %}}"
                "{{% if add_generation_prompt %}}<|im_start|>assistant" + _NL + "{{% endif %}}"),
 }
@@ -105,7 +107,8 @@ def resolve_chat_format(name: str, tokenizer) -> str:
 
 def validate_chat(messages, loc) -> None:
     if not isinstance(messages, list) or not messages:
-        raise QloraError(f"{loc()}: key 'messages' must be a non-empty list of {{role, content}}, got {type_name(messages)}")
+        raise QloraError(f"{loc()}: key 'messages' must be a non-empty list of {{role, content}}, "
+                         f"got {type_name(messages)}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
             raise QloraError(f"{loc()}: messages[{j}] must be an object with role and content, got {type_name(m)}")

@@ -47,12 +47,14 @@ def map_rows(rows: list[dict], mapping: dict[str, str], source: str) -> Rows:
                 continue
             if col not in row:
                 found = ", ".join(sorted(row)) or "none"
-                raise QloraError(f"{where(rows, i, source)}: missing column '{col}' (the {key} column; keys found: {found})")
+                raise QloraError(f"{where(rows, i, source)}: missing column '{col}' "
+                                 f"(the {key} column; keys found: {found})")
             value = row[col]
             if key == "system" and value is None:
                 continue
             if not isinstance(value, str):
-                raise QloraError(f"{where(rows, i, source)}: column '{col}' ({key}) must be a string, got {type_name(value)}")
+                raise QloraError(f"{where(rows, i, source)}: column '{col}' ({key}) must be a string, "
+                                 f"got {type_name(value)}")
             if key != "system" or value:
                 messages.append({"role": ROLES[key], "content": value})
         mapped.append({"messages": messages})

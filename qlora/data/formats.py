@@ -44,7 +44,8 @@ SHAPES = {
     "chat": (("messages",), (), "messages: [{role, content}] with the tokenizer's chat template"),
     "guanaco": (("text",), (), "text with '### Human:' / '### Assistant:' turns"),
     "chip2": (("text",), (), "Chip2/OIG: text with '<human>:' / '<bot>:' turns"),
-    "hh_rlhf": (("chosen",), ("rejected",), "Anthropic HH-RLHF: the chosen reply after '\\n\\nHuman:' / '\\n\\nAssistant:' turns"),
+    "hh_rlhf": (("chosen",), ("rejected",),
+                "Anthropic HH-RLHF: the chosen reply after '\\n\\nHuman:' / '\\n\\nAssistant:' turns"),
     "text": (("text",), (), "plain text, every token trained on"),
 }
 _TEXT_OF = {"guanaco": "text", "chip2": "text", "hh_rlhf": "chosen"}  # marked formats -> the key holding the turns
@@ -80,7 +81,8 @@ def detect_format(rows: list[dict], path: str) -> str:
         keys = sorted({k for row in rows[:100] for k in row})
         shapes = "; ".join(describe(f) for f in SHAPES)
         raise QloraError(f"{path}: cannot tell the data format from the keys [{', '.join(keys)}]; expected one of "
-                         f"{shapes} (rename the columns, map them with prompt_field/response_field, or set data_format)")
+                         f"{shapes} (rename the columns, map them with prompt_field/response_field, "
+                         "or set data_format)")
     best = max(votes.values())
     top = sorted({f for c, n in votes.items() if n == best for f in c}, key=list(SHAPES).index)
     if len(top) > 1:
@@ -123,7 +125,8 @@ def _validate_unnatural(row: dict, loc) -> None:
     _validate_strings(row, ("instruction",), (), "unnatural", loc)
     instances = row.get("instances")
     if not isinstance(instances, list) or not instances:
-        raise QloraError(f"{loc()}: key 'instances' must be a non-empty list of {{input, output}}, got {type_name(instances)}")
+        raise QloraError(f"{loc()}: key 'instances' must be a non-empty list of {{input, output}}, "
+                         f"got {type_name(instances)}")
     for j, inst in enumerate(instances):
         if not isinstance(inst, dict):
             raise QloraError(f"{loc()}: instances[{j}] must be an object with input and output, got {type_name(inst)}")

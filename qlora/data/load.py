@@ -51,7 +51,7 @@ def type_name(value) -> str:
 def load_rows(path: str) -> Rows:
     """All rows of a dataset file, `load_from_disk` directory, or hub dataset (org/name[:split]), as dicts."""
     p = Path(path)
-    if not p.exists() and _HUB_NAME.match(path) and not p.suffix.lower() in _FILE_SUFFIXES:
+    if not p.exists() and _HUB_NAME.match(path) and p.suffix.lower() not in _FILE_SUFFIXES:
         rows = _load_hub(path)
     elif not p.exists():
         raise QloraError(f"{path}: no such file or directory")
@@ -126,7 +126,8 @@ def _load_json_document(text: str, path: str) -> Rows:
         doc = doc["data"]
     if not isinstance(doc, list):
         keys = ", ".join(sorted(doc)) if isinstance(doc, dict) else type_name(doc)
-        raise QloraError(f'{path}: expected a list of row objects or {{"data": [...]}}, got an object with keys [{keys}]')
+        raise QloraError(f'{path}: expected a list of row objects or {{"data": [...]}}, '
+                         f'got an object with keys [{keys}]')
     for i, row in enumerate(doc):
         if not isinstance(row, dict):
             raise QloraError(f"{path}: row {i + 1}: expected a JSON object, got a {type_name(row)}")
@@ -184,7 +185,8 @@ def _load_saved_dataset(p: Path, path: str) -> Rows:
         raise QloraError(f"{path}: cannot load the saved dataset ({_one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise QloraError(f"{path}: a dataset dict without a 'train' split (splits: {', '.join(ds)}); save one split")
+            raise QloraError(f"{path}: a dataset dict without a 'train' split (splits: {', '.join(ds)}); "
+                             "save one split")
         ds = ds["train"]
     return Rows(ds.to_list(), path)
 
@@ -194,7 +196,8 @@ def _load_hub(name: str) -> Rows:
     repo, _, split = name.partition(":")
     split = split or "train"
     advice = "it needs the network; or download it elsewhere and pass the local copy (a .jsonl or save_to_disk dir)"
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         raise QloraError(f"{name}: no such local file, and the hub dataset {repo!r} cannot be fetched offline "
                          f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {advice}")
     try:

@@ -52,7 +52,8 @@ def write_4bit(net: nn.Module, tokenizer, out: str, compute_dtype: torch.dtype, 
     check_bnb_type(q.quant_type)
     skel = skeleton(net.config)
     with staged_dir(out, overwrite) as tmp:
-        save_config(net, tokenizer, tmp, compute_dtype, quantization_config(q.quant_type, q.double_quant, compute_dtype))
+        save_config(net, tokenizer, tmp, compute_dtype,
+                    quantization_config(q.quant_type, q.double_quant, compute_dtype))
         writer = ShardWriter(tmp, max_shard_bytes)
         for key, module_name, attr in checkpoint_entries(skel):
             module = net.get_submodule(module_name)

@@ -35,7 +35,8 @@ def _arch(config) -> str:
                          "export a merged transformers directory instead (qlora merge)")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") not in ("default", None):
-        raise QloraError(f"GGUF export does not write rope scaling ({rope.get('rope_type')}); export with qlora merge instead")
+        raise QloraError(f"GGUF export does not write rope scaling ({rope.get('rope_type')}); "
+                         "export with qlora merge instead")
     return arch
 
 
@@ -109,8 +110,9 @@ def write_gguf(net: nn.Module, tokenizer, out: str, fmt: str = "f16", overwrite:
         _write_hparams(writer, config, fmt, name or Path(out).stem)
         _write_vocab(writer, tokenizer, config, source_gguf)
         for _, gname, kind, shape in plan:
-            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind))) if kind == gguf.GGMLQuantizationType.Q8_0 \
-                else int(np.prod(shape)) * (4 if kind == gguf.GGMLQuantizationType.F32 else 2)
+            nbytes = (int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, kind)))
+                      if kind == gguf.GGMLQuantizationType.Q8_0
+                      else int(np.prod(shape)) * (4 if kind == gguf.GGMLQuantizationType.F32 else 2))
             writer.add_tensor_info(gname, shape, np.float32, nbytes, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -54,7 +54,8 @@ def check_layout(layer: Linear4bit, name: str) -> None:
           and q.absmax.numel() == math.ceil(n / q.blocksize) and q.absmax.dtype == scale_dtype)
     if not ok:
         raise RuntimeError(f"{name}: the 4-bit weight's packed layout is not the one qlora wrote "
-                           f"(codes {tuple(q.data.shape)} {q.data.dtype} for shape {tuple(q.shape)}); refusing to merge from it")
+                           f"(codes {tuple(q.data.shape)} {q.data.dtype} for shape {tuple(q.shape)}); "
+                           "refusing to merge from it")
 
 
 def _innermost(module: nn.Module) -> nn.Module:
@@ -97,7 +98,8 @@ def merged_tensors(net: nn.Module, dtype: torch.dtype, skel: nn.Module | None = 
         yield key, t
 
 
-def save_config(net: nn.Module, tokenizer, directory: Path, dtype: torch.dtype, quantization_config: dict | None = None) -> None:
+def save_config(net: nn.Module, tokenizer, directory: Path, dtype: torch.dtype,
+                quantization_config: dict | None = None) -> None:
     """config.json (+ generation_config.json) and the tokenizer files, as save_pretrained writes them."""
     config = copy.deepcopy(net.config)
     config.dtype = dtype

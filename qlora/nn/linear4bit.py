@@ -153,7 +153,8 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         own = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
         if not own:
             missing_keys.append(prefix + "weight")

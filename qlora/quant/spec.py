@@ -53,9 +53,11 @@ class QuantSpec:
     def check(self) -> None:
         """ValueError naming the bad setting."""
         if self.quant_type != UNQUANTIZED and self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)} or {UNQUANTIZED}, got {self.quant_type!r}")
+            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)} or {UNQUANTIZED}, "
+                             f"got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be a power of two in {BLOCKSIZES[0]}..{BLOCKSIZES[-1]}, got {self.blocksize}")
+            raise ValueError(f"blocksize must be a power of two in {BLOCKSIZES[0]}..{BLOCKSIZES[-1]}, "
+                             f"got {self.blocksize}")
 
 
 DEFAULT = QuantSpec()

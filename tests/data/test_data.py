@@ -69,7 +69,8 @@ def _write_all_kinds(tmp_path: Path) -> dict[str, Path]:
         w.writeheader()
         w.writerows(ROWS)
     paths["tsv"] = tmp_path / "d.tsv"
-    paths["tsv"].write_text("instruction\tinput\toutput\n" + "".join(f"{r['instruction']}\t{r['input']}\t{r['output']}\n" for r in ROWS))
+    paths["tsv"].write_text("instruction\tinput\toutput\n"
+                            + "".join(f"{r['instruction']}\t{r['input']}\t{r['output']}\n" for r in ROWS))
     return paths
 
 
@@ -128,7 +129,8 @@ def test_detect_format(row, fmt):
 def test_detect_format_follows_the_majority_so_a_broken_row_is_reported(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [ROWS[0], {"instruction": "x", "outptu": "y"}, ROWS[1]]))
-    with pytest.raises(QloraError, match=rf"^{p}:2: missing key 'output' for the alpaca format \(keys found: instruction, outptu\)$"):
+    with pytest.raises(QloraError, match=rf"^{p}:2: missing key 'output' for the alpaca format "
+                                         r"\(keys found: instruction, outptu\)$"):
         read_dataset(str(p))
 
 
@@ -227,7 +229,8 @@ def test_bos_prefix_is_kept_through_left_truncation():
 
     tok = tiny_tokenizer()
     bos = tok.convert_tokens_to_ids("<|endoftext|>")
-    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                       special_tokens=[("<|endoftext|>", bos)])
     assert tok("a")["input_ids"][0] == bos
     (ex,), stats = build_examples([{"prompt": "abcdef", "completion": "xy"}], "completion", tok, 4, 10, 20)
     assert ex["input_ids"] == [bos] + ids(tok, "def") + ids(tok, "xy") + [tok.eos_token_id]
@@ -267,7 +270,8 @@ def test_rows_whose_answer_is_truncated_away_are_dropped(tok):
 
 def test_all_rows_truncated_away_is_an_error(tok):
     rows = [{"prompt": "x" * 20, "completion": "a"}] * 3
-    with pytest.raises(QloraError, match=r"^d\.jsonl: all 3 rows were truncated away; raise max_target_len/max_seq_len"):
+    with pytest.raises(QloraError,
+                       match=r"^d\.jsonl: all 3 rows were truncated away; raise max_target_len/max_seq_len"):
         build_examples(rows, "completion", tok, 20, 5, 20, source="d.jsonl")
 
 
@@ -291,7 +295,8 @@ def test_prompt_and_reference_matches_training_prompt(tok):
     prompt, ref = prompt_and_reference(row, "chat", tok)
     (ex,), _ = _one(tok, [row], "chat")
     assert ref == "yo" and ex["input_ids"][: len(prompt)] == prompt
-    assert tok.decode(prompt) == tok.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(prompt) == tok.apply_chat_template(row["messages"][:1], tokenize=False,
+                                                         add_generation_prompt=True)
     prompt, ref = prompt_and_reference(ROWS[0], "alpaca", tok)
     assert ref == "5" and prompt == ids(tok, ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 3"))
     with pytest.raises(QloraError, match="text"):

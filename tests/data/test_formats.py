@@ -15,7 +15,8 @@ LIMITS = dict(max_source_len=384, max_target_len=256, max_seq_len=512)
 CHIP2 = "<human>: What is 2+2?\n<bot>: 4\n<human>: And 3+3?\n<bot>: 6\n"
 HH = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: name a colour\n\nAssistant: Red."
 UNNATURAL = {"instruction": "Say if the number is even.", "instances": [
-    {"instruction_with_input": "Is 4 even?", "input": "4", "constraints": "Answer 'True' or 'False'.", "output": "True"},
+    {"instruction_with_input": "Is 4 even?", "input": "4", "constraints": "Answer 'True' or 'False'.",
+     "output": "True"},
     {"input": "3", "constraints": "None.", "output": "False"},
 ]}
 ROWS = {
@@ -77,7 +78,8 @@ def test_alpaca_keys_are_not_read_as_input_output():
 def test_ambiguous_shape_is_refused_naming_the_candidates(tmp_path, row, names):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps(row) + "\n")
-    with pytest.raises(QloraError, match=rf"^{p}:1: ambiguous row shape, it fits {names} .*; set data_format to one of"):
+    with pytest.raises(QloraError,
+                       match=rf"^{p}:1: ambiguous row shape, it fits {names} .*; set data_format to one of"):
         read_dataset(str(p))
     keys = sorted(row)
     assert read_dataset(str(p), "completion" if "prompt" in keys else "chip2" if "text" in keys else "dolly")
@@ -137,7 +139,8 @@ def test_unnatural_gives_one_example_per_instance(tok):
     examples, stats = build_examples([UNNATURAL], "unnatural", tok, **LIMITS)
     assert [e["row"] for e in examples] == [0, 0] and (stats.rows, stats.examples) == (1, 2)
     p1 = ids(tok, ALPACA_PROMPT_NO_INPUT.format(instruction="Is 4 even?\nAnswer 'True' or 'False'."))
-    p2 = ids(tok, ALPACA_PROMPT.format(instruction="Say if the number is even.", input="3"))  # constraints "None." dropped
+    # constraints "None." dropped
+    p2 = ids(tok, ALPACA_PROMPT.format(instruction="Say if the number is even.", input="3"))
     assert examples[0]["labels"] == [-100] * len(p1) + ids(tok, "True") + [eos]
     assert examples[1]["input_ids"] == p2 + ids(tok, "False") + [eos]
 
@@ -146,7 +149,8 @@ def test_unnatural_gives_one_example_per_instance(tok):
     ({"text": "<human>: a"}, "chip2", r"key 'text' has no '<bot>:' turn \(chip2 format\)"),
     ({"chosen": "\n\nHuman: a"}, "hh_rlhf", r"key 'chosen' has no 'Assistant:' turn \(hh_rlhf format\)"),
     ({"chosen": HH, "rejected": 3}, "hh_rlhf", r"key 'rejected' must be a string, got number"),
-    ({"instruction": "a", "instances": []}, "unnatural", r"key 'instances' must be a non-empty list of \{input, output\}, got array"),
+    ({"instruction": "a", "instances": []}, "unnatural",
+     r"key 'instances' must be a non-empty list of \{input, output\}, got array"),
     ({"instruction": "a", "instances": [{"input": "x"}]}, "unnatural", r"instances\[0\]: missing key 'output'"),
     ({"inputs": "a", "targets": None}, "flan", r"key 'targets' must be a string, got null"),
     ({"instruction": "a", "response": "b", "context": 1}, "dolly", r"key 'context' must be a string, got number"),

@@ -18,7 +18,8 @@ from qlora.train import fit, setup
 def _data(tmp_path: Path) -> list[str]:
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"prompt": f"Echo {i}:", "completion": f" {i}"}) + "\n" for i in range(8)))
-    b.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "output": f"{i + 1}"}) + "\n" for i in range(24)))
+    b.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "output": f"{i + 1}"}) + "\n"
+                         for i in range(24)))
     return [f"{a}:0.6", f"{b}:0.4"]
 
 
@@ -34,7 +35,8 @@ def test_resume_with_a_mixture_is_bitwise(tiny_llama, tmp_path):
     state = json.loads((tmp_path / "part" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["config"]["data"] == _data(tmp_path) and len(state["data_digest"]) == 16
     resumed = fit(setup(_cfg(tmp_path, tiny_llama, "part", resume="latest")), progress=False)
-    read = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    read = lambda d: [(r["step"], r["loss"], r["grad_norm"])  # noqa: E731
+                      for r in map(json.loads, (Path(d) / "metrics.jsonl").read_text().splitlines())]
     assert read(full["output_dir"]) == read(resumed["output_dir"]) and len(read(full["output_dir"])) == 4
     a = load_file(str(Path(full["output_dir"]) / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed["output_dir"]) / "adapter_model.safetensors"))

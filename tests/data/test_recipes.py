@@ -18,9 +18,12 @@ def test_guanaco_configs_are_the_papers(size):
     path = CONFIGS / f"guanaco-{size}.yaml"
     cfg = build_config(load_yaml(str(path)), source=str(path))
     assert (cfg.lr, cfg.lora_dropout) == PAPER[size]
-    assert (cfg.batch_size * cfg.grad_accum, cfg.max_steps, cfg.optimizer, cfg.group_by_length) == (16, 1875, "paged_adamw", True)
-    assert (cfg.max_source_len, cfg.max_target_len, cfg.lora_r, cfg.lora_alpha, cfg.quant_type) == (16, 512, 64, 16.0, "nf4")
-    assert cfg.data == "timdettmers/openassistant-guanaco" and cfg.lr_scheduler == "constant" and cfg.max_grad_norm == 0.3
+    assert (cfg.batch_size * cfg.grad_accum, cfg.max_steps, cfg.optimizer, cfg.group_by_length) == (
+        16, 1875, "paged_adamw", True)
+    assert (cfg.max_source_len, cfg.max_target_len, cfg.lora_r, cfg.lora_alpha, cfg.quant_type) == (
+        16, 512, 64, 16.0, "nf4")
+    assert (cfg.data == "timdettmers/openassistant-guanaco" and cfg.lr_scheduler == "constant"
+            and cfg.max_grad_norm == 0.3)
 
 
 def test_small_guanaco_config_trains_a_few_steps(tiny_llama, tmp_path):

@@ -67,7 +67,8 @@ def test_weighted_mixture_sizes_and_determinism(tmp_path, tok, capsys):
     from_a = [e["row"] for e in train if e["source"] == 0]
     assert sorted(from_a) == sorted(list(range(10)) * 2)  # upsampled: two whole permutations of a
     again = build_mixture(read_sources(c), tok, c)
-    assert again[2]["digest"] == stats["digest"] and [e["input_ids"] for e in again[0]] == [e["input_ids"] for e in train]
+    assert (again[2]["digest"] == stats["digest"]
+            and [e["input_ids"] for e in again[0]] == [e["input_ids"] for e in train])
     other = cfg(data=[f"{a}:0.5", f"{b}:0.5"], seed=4)
     assert build_mixture(read_sources(other), tok, other)[2]["digest"] != stats["digest"]
     assert f"data mixture: {a} 20, {b} 20 = 40 training examples" in capsys.readouterr().out
@@ -98,7 +99,8 @@ def test_one_source_is_the_unmixed_run(tmp_path, tok):
 def test_column_mapping_renders_chat_and_learns_the_response(tmp_path, tok):
     p = write(tmp_path / "q.jsonl", [{"question": "Why?", "answer": "Because.", "persona": "Be terse."}])
     eos = tok.eos_token_id
-    for c in (cfg(data=p, prompt_field="question", response_field="answer", system_field="persona", chat_format="guanaco"),
+    for c in (cfg(data=p, prompt_field="question", response_field="answer", system_field="persona",
+                  chat_format="guanaco"),
               cfg(data=p, columns="prompt=question, response=answer, system=persona", chat_format="guanaco")):
         train, _, stats = build_mixture(read_sources(c), tok, c)
         prompt = ids(tok, "Be terse.### Human: Why?### Assistant:")
@@ -112,8 +114,10 @@ def test_column_mapping_renders_chat_and_learns_the_response(tmp_path, tok):
 @pytest.mark.parametrize("kw,msg", [
     (dict(prompt_field="question"), r"^columns: a mapping needs both prompt and response columns; response not given"),
     (dict(columns="prompt:question"), r"^columns: cannot read 'prompt:question'; write prompt=COL,response=COL"),
-    (dict(prompt_field="q", response_field="nope"), r":1: missing column 'nope' \(the response column; keys found: a, q\)$"),
-    (dict(prompt_field="q", response_field="a", data_format="alpaca"), r"^columns: a column mapping renders rows as chat"),
+    (dict(prompt_field="q", response_field="nope"),
+     r":1: missing column 'nope' \(the response column; keys found: a, q\)$"),
+    (dict(prompt_field="q", response_field="a", data_format="alpaca"),
+     r"^columns: a column mapping renders rows as chat"),
 ])
 def test_column_mapping_errors(tmp_path, kw, msg):
     p = write(tmp_path / "q.jsonl", [{"q": "x", "a": "y"}])
@@ -137,7 +141,8 @@ MESSAGES = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("guanaco", [("S### Human: Q### Assistant:", False), (" A", True), ("### Human: Q2### Assistant:", False), (" A2", True)]),
+    ("guanaco", [("S### Human: Q### Assistant:", False), (" A", True),
+                 ("### Human: Q2### Assistant:", False), (" A2", True)]),
     ("alpaca", [("S\n\n### Instruction:\nQ\n\n### Response:\n", False), ("A", True),
                 ("\n\n### Instruction:\nQ2\n\n### Response:\n", False), ("A2", True)]),
     ("chatml", [("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n", False),

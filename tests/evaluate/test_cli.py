@@ -96,8 +96,6 @@ def _expected_bits(net, blocksize, dq):
 
 def test_datatypes_table_plot_and_bits(tiny_dir, files, tmp_path, capsys):
     from qlora import hf
-    from qlora.adapters import save_adapter
-    from qlora.nn.surgery import lora_layers
 
     out, png, md = tmp_path / "dt.json", tmp_path / "dt.png", tmp_path / "dt.md"
     rc, stdout, _ = _run(["datatypes", "--model", tiny_dir, "--datatypes", "bf16,nf4+dq,int4@128", "--data",

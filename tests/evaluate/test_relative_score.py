@@ -64,12 +64,14 @@ def test_eval_score_cli_against_an_openai_compatible_endpoint(tmp_path, capsys):
         answers, ref = tmp_path / "mine.jsonl", tmp_path / "chatgpt.jsonl"
         answers.write_text("".join(json.dumps({"question_id": i, "prompt": "q", "answer": a}) + "\n"
                                    for i, a in enumerate(["ok", "good"])))
-        ref.write_text("".join(json.dumps({"question_id": i, "prompt": "q", "answer": "good"}) + "\n" for i in range(2)))
+        ref.write_text("".join(json.dumps({"question_id": i, "prompt": "q", "answer": "good"}) + "\n"
+                               for i in range(2)))
         out = tmp_path / "score.json"
         rc = main(["eval", "score", str(answers), "--reference", str(ref), "--judge-url",
                    f"http://127.0.0.1:{server.server_port}/v1", "--output", str(out)])
     finally:
         server.shutdown()
     assert rc == 0
-    assert capsys.readouterr().out.strip() == "mine: 84.2% of chatgpt (2 of 2 questions scored, 0 replies without scores)"
+    assert capsys.readouterr().out.strip() == (
+        "mine: 84.2% of chatgpt (2 of 2 questions scored, 0 replies without scores)")
     assert json.loads(out.read_text())["percent_of_reference"] == 84.21
