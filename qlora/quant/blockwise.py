@@ -101,12 +101,13 @@ def _quantize_absmax(w: torch.Tensor, quant_type: str, blocksize: int):
 
 def block_signs(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """fp32 [blocks]: the sign of each block's largest-magnitude value (the first one on a tie;
-    +1 for an all-zero block)."""
+    +1 for a block whose scale is the floor _TINY: its values are all zeros or below 1e-38, and with no
+    zero level in bof4s they dequantize to tiny values of either sign, which must re-quantize the same)."""
     n = flat.numel()
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat.float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     top = padded.gather(1, padded.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    return torch.where(top < 0, -1.0, 1.0)
+    return torch.where(top < -_TINY, -1.0, 1.0)
 
 
 def signed_scale_quantize(w: torch.Tensor, blocksize: int, quantize_flipped):
