@@ -30,11 +30,6 @@ ROWS = [
 LIMITS = dict(max_source_len=384, max_target_len=256, max_seq_len=512)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 

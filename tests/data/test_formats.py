@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import tiny_tokenizer
 
 from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, build_examples, detect_format, read_dataset
 from qlora.data.formats import FORMATS, SHAPES
@@ -32,11 +31,6 @@ ROWS = {
     "hh_rlhf": {"chosen": HH, "rejected": HH.replace("Red.", "No.")},
     "text": {"text": "plain words"},
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def ids(tok, text):

@@ -18,11 +18,6 @@ from qlora.errors import QloraError
 LIMITS = dict(max_source_len=64, max_target_len=64, max_seq_len=128)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
