@@ -32,7 +32,9 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat",
     """Greedy-decode each held-out prompt (rendered exactly as in training) and compare. One row at
     a time through generate.sample, which runs the compiled decode step where the model has one:
     on a CPU without native bf16 that is ~4x faster than transformers' batched generate over the
-    4-bit layers, which dequantizes every weight at every token."""
+    4-bit layers, which dequantizes every weight at every token. A row stops decoding as soon as its
+    answer cannot match any more (demo_task.can_still_match; the base model's "JSON:\n{..." after
+    one token): the same score as decoding every row to the limit."""
     was_training = model.training
     model.eval()
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -40,13 +42,18 @@ def exact_match_accuracy(model, tokenizer, rows: list[dict], fmt: str = "chat",
     results = []
     for row in rows:
         prompt, ref = data.prompt_and_reference(row, fmt, tokenizer)
-        answer = []
+        answer, text, decided = [], "", False
         for token in sample(model, prompt, settings, max_new_tokens):
             if token in eos:
                 break
             answer.append(token)
-        text = tokenizer.decode(answer, skip_special_tokens=True).strip()
-        results.append({"prediction": text, "reference": ref, "correct": demo_task.exact_match(text, ref)})
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+            if not demo_task.can_still_match(text, ref):
+                decided = True
+                break
+        text = text.strip()
+        results.append({"prediction": text, "reference": ref, "correct": demo_task.exact_match(text, ref),
+                        "stopped_early": decided})
     model.train(was_training)
     return sum(r["correct"] for r in results) / max(len(results), 1), results
 

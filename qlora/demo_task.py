@@ -143,5 +143,27 @@ def exact_match(prediction: str, reference: str) -> bool:
         return prediction.strip() == reference.strip()
 
 
+def can_still_match(prefix: str, reference: str) -> bool:
+    """False only when no continuation of the decoded answer `prefix` can make `exact_match` true: the
+    demo's scoring stops decoding there, and its score is the one decoding to the token limit gives."""
+    text, ref = prefix.strip(), reference.strip()
+    if not text or text.endswith("\ufffd") or ref.startswith(text):  # undecided, or the plain-text route is open
+        return True
+    try:
+        value = json.loads(ref)
+    except json.JSONDecodeError:
+        return False  # a plain-text reference, and the answer has already left it
+    opener = {dict: "{", list: "[", str: '"'}.get(type(value))
+    if opener is None:
+        return True  # a number or a literal: the answer may still be growing into it
+    if text[0] != opener:
+        return False
+    try:
+        found, end = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        return True  # not complete yet
+    return end == len(text) and _canonical(found) == _canonical(value)  # text after the value fails json.loads
+
+
 def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)

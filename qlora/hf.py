@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import precision, safetensors_reader
+from . import gguf_memo, precision, safetensors_reader
 from .adapters import load_adapter
 from .errors import QloraError
 from .nn import Linear4bit, fused
@@ -95,8 +95,23 @@ def load(model: str | None = None, quant: QuantSpec = DEFAULT, compute_dtype: to
     if not isinstance(compute_dtype, torch.dtype):
         compute_dtype = precision.torch_dtype(precision.resolve(compute_dtype, device))
     directory, gguf_file = resolve(model)
-    tokenizer = load_tokenizer(directory, gguf_file)
-    quant = quant.replace(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    with gguf_memo.shared():  # the tokenizer, config and weights read one parse of a GGUF file
+        tokenizer = load_tokenizer(directory, gguf_file)
+        net = _load_base(directory, gguf_file, quant, compute_dtype, quantize_head, on_layer, lora_init,
+                         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    net.qlora_source = model or DEFAULT_MODEL
+    for path in adapters:
+        load_adapter(net, path)
+    if lora:
+        add_lora(net, **lora)
+    net.to(device)
+    return net, tokenizer
+
+
+def _load_base(directory: str, gguf_file: str | None, quant: QuantSpec, compute_dtype: torch.dtype,
+               quantize_head: bool, on_layer, lora_init: dict | None, **settings) -> nn.Module:
+    """The base model with its linear layers quantized as `quant` with `settings` applied says."""
+    quant = quant.replace(**settings)
     quant = quant if quant.quantized else None
     if lora_init and quant is None:
         raise QloraError(f"lora_init={lora_init['method']} needs a 4-bit base; pick a --quant-type other than bf16")
@@ -107,13 +122,7 @@ def load(model: str | None = None, quant: QuantSpec = DEFAULT, compute_dtype: to
         fused.fuse(net)
         if quant:
             quantize_model(net, quant, compute_dtype, quantize_head, lora_init=lora_init)
-    net.qlora_source = model or DEFAULT_MODEL
-    for path in adapters:
-        load_adapter(net, path)
-    if lora:
-        add_lora(net, **lora)
-    net.to(device)
-    return net, tokenizer
+    return net
 
 
 def _has_safetensors(directory: str) -> bool:

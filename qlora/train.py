@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, adapters, checkpoint, data, distributed, hf, metrics, objectives, precision
+from . import __version__, adapters, checkpoint, data, distributed, gguf_memo, hf, metrics, objectives, precision
 from .config import TrainConfig, parse_size, to_dict
 from .data import preference
 from .errors import QloraError
@@ -64,12 +64,13 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         from .memory import preflight, return_freed_memory
 
         return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
-        preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
-        model, tokenizer = hf.load(
-            cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
-            quantize_head=cfg.quantize_head, device=device, on_layer=shard,
-            lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
-        )
+        with gguf_memo.shared():  # the estimate and the load read a GGUF file's metadata once
+            preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
+            model, tokenizer = hf.load(
+                cfg.model, cfg.quant, compute_dtype=precision.torch_dtype(cfg.compute_dtype),
+                quantize_head=cfg.quantize_head, device=device, on_layer=shard,
+                lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
+            )
     torch.manual_seed(cfg.seed)  # LoRA A init
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
              targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)

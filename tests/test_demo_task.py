@@ -8,7 +8,8 @@ import re
 import pytest
 
 from qlora.data import build_examples, prompt_and_reference, read_dataset
-from qlora.demo_task import CITIES, FIRST_NAMES, INSTRUCTION, SURNAMES, exact_match, make_demo_task, write_demo_task
+from qlora.demo_task import (CITIES, FIRST_NAMES, INSTRUCTION, SURNAMES, can_still_match, exact_match, make_demo_task,
+                             write_demo_task)
 from tiny import tiny_tokenizer
 
 
@@ -105,3 +106,33 @@ def test_exact_match(prediction, expected):
 def test_exact_match_falls_back_to_stripped_text():
     assert exact_match(" Paris \n", "Paris") and not exact_match("paris", "Paris")
     assert exact_match("1.0", "1") is False and exact_match("1", "1")
+
+
+REF = '{"name":"Ann Lee","age":34,"city":"Oslo","year":2019}'
+ANSWERS = [
+    REF, "  " + REF + "\n", '{"age":34,"name":"Ann Lee","year":2019,"city":"Oslo"}', '{ "name" : "Ann Lee" ,"age":34,'
+    '"city":"Oslo","year":2019 }', '{"name":"Ann Lee","age":"34","city":"Oslo","year":2019}',
+    REF + "\nHope this helps!",
+    "JSON:\n" + REF, "```json\n" + REF + "\n```", '{"name":"Ann Lee","age":34}', '{"name":"Ann Le', "Sure! " + REF,
+    '{"name":"Ann Lee","age":34,"city":"Oslo","year":2019}}', "\ufffd" + REF,
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("reference", [REF, "Paris", "34", '"Oslo"', "[1, 2]"])
+def test_can_still_match_never_stops_an_answer_that_would_match(answer, reference):
+    """Scoring stops at the first prefix where can_still_match is False: that must happen only for
+    answers exact_match rejects, and a matching answer must pass every prefix."""
+    for answer_ in (answer, reference, " " + reference + " "):
+        if exact_match(answer_, reference):
+            assert all(can_still_match(answer_[:i], reference) for i in range(len(answer_) + 1)), answer_
+
+
+@pytest.mark.parametrize("answer,stops_after", [
+    ("JSON:\n" + REF, "J"),  # the base model's usual opening: one character decides it
+    (REF + "\nHope", REF + "\nH"),  # chatter after the complete object
+    ('{"name":"Ann Lee","age":35}', '{"name":"Ann Lee","age":35}'),  # complete and different
+])
+def test_can_still_match_stops_as_soon_as_the_answer_is_decided(answer, stops_after):
+    first = next(i for i in range(len(answer) + 1) if not can_still_match(answer[:i], REF))
+    assert answer[:first] == stops_after
