@@ -118,6 +118,8 @@ def study(base, tokenizer, dtypes: list[DataType], ids: torch.Tensor, tasks: dic
         for path in adapters:
             load_adapter(net, path)
         bits, params = linear_bits(net)
+        if not dt.quant.quantized:  # bf16 weights, even when cast to an fp32 compute dtype (auto on AVX2)
+            bits = float(torch.finfo(torch.bfloat16).bits)
         lora = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
         ppl = perplexity(net, ids, window, progress=progress)
         acc = {name: evaluate_choice(net, tokenizer, qs, name, batch_size, progress).acc for name, qs in tasks.items()}

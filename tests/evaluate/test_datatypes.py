@@ -57,3 +57,18 @@ def test_bf16_row_rounds_weights_to_bf16_whatever_the_compute_dtype():
     w = base[0].weight.detach()
     assert net[0].weight.dtype == torch.float32
     assert torch.equal(net[0].weight, w.bfloat16().float()) and not torch.equal(net[0].weight, w)
+
+
+def test_bf16_row_reports_16_bits_under_an_fp32_compute_dtype(tiny_llama):
+    import torch
+
+    from qlora import hf
+    from qlora.evaluate.datatypes import linear_bits, parse_datatype, quantized_copy, study
+
+    base, _ = hf.load(tiny_llama, quant_type="bf16", compute_dtype=torch.float32)
+    ids = torch.arange(1, 33) % 50
+    rows = study(base, None, [parse_datatype("bf16"), parse_datatype("nf4+dq")], ids, {}, window=16,
+                 compute_dtype=torch.float32, progress=False, log=lambda *_: None)
+    assert rows[0]["bits_per_param"] == 16.0
+    assert rows[1]["bits_per_param"] == linear_bits(quantized_copy(base, parse_datatype("nf4+dq"), torch.float32))[0]
+    assert 4.12 < rows[1]["bits_per_param"] < 4.2  # codes + 8-bit scales + DQ constants, not the fp32 compute copy
