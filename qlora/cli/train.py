@@ -13,6 +13,12 @@ from ..precision import spelled
 ALIASES = {"output_dir": ("--output",)}
 
 
+def _speller(choices):
+    """argparse `type=`: an alias in its canonical spelling (--compute-dtype bf16 -> bfloat16) unless
+    the name is itself a choice (--quant-type bf16, whose choices spell it so)."""
+    return lambda name: name if name in choices else spelled(name)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="finetune a 4-bit model with LoRA (no arguments: the built-in demo)",
@@ -39,7 +45,7 @@ def register(sub) -> None:
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
             p.add_argument(*flags, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
-                           type=spelled if choices else None)  # --compute-dtype bf16
+                           type=_speller(choices) if choices else None)  # --compute-dtype bf16
     p.set_defaults(func=run)
 
 
