@@ -106,7 +106,7 @@ class TrainConfig:
     # ---- objective (preference tuning) ----
     objective: Literal["sft", "dpo", "orpo"] = "sft"
     """sft: next-token loss on the answers; dpo / orpo: preference tuning on prompt/chosen/rejected pairs
-    (DPO's reference is the base with LoRA off)."""
+    (DPO's reference is the base with LoRA off, or reference_adapter)."""
     beta: float = 0.1
     """DPO: beta, the strength of the pull towards the reference; ORPO: lambda, the weight of the odds-ratio term."""
     reference_adapter: Optional[str] = None

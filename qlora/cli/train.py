@@ -19,7 +19,8 @@ def register(sub) -> None:
         description="QLoRA finetuning. Values come from defaults < --config YAML < flags. "
         "With no --data, runs the built-in demo: generates an extraction task, reports held-out "
         "exact match before and after finetuning the embedded SmolLM2-135M-Instruct; with --objective dpo or "
-        "orpo, the preference demo: pairs from that task (correct vs plausible wrong answer), held-out pair "
+        "orpo, the preference demo: pairs from that task (the compact correct answer vs the base model's verbose "
+        "style or a wrong field), held-out pair "
         "accuracy and exact match before and after.",
         argument_default=argparse.SUPPRESS,
     )
@@ -51,7 +52,7 @@ def run(args) -> int:
     merged = load_yaml(config_file) if config_file else {}
     merged.update(values)
     if merged.get("data") is None and merged.get("objective") in ("dpo", "orpo"):
-        from ..demo_preference import run_demo  # pairs from the demo task: correct vs plausible wrong answer
+        from ..demo_preference import run_demo  # pairs from the demo task: correct vs verbose or wrong answer
 
         summary = run_demo(merged)
     elif merged.get("data") is None:
