@@ -78,6 +78,7 @@ def make_pairs(rows: list[dict], seed: int) -> list[dict]:
 def pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> float:
     """Share of pairs whose chosen answer gets the higher summed log-probability."""
     examples, _ = preference.build_pairs(pairs, tokenizer, 128, 64, 160, source="held-out pairs")
+    examples.sort(key=preference.length)  # batches of similar length: less padding to run through the model
     was_training, wins = model.training, 0
     model.eval()
     for start in range(0, len(examples), batch_size):
