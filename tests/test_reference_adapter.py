@@ -132,3 +132,28 @@ def test_preflight_counts_the_frozen_copy():
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
     a, b = estimate(config, **plain), estimate(config, **given)
     assert b.lora_weights == 2 * a.lora_weights and b.lora_grads == a.lora_grads and b.total > a.total
+
+
+def test_a_dora_adapter_keeps_its_magnitude_in_the_reference(tiny_llama, tmp_path):
+    model, _ = hf.load(tiny_llama, compute_dtype=torch.float32, lora=dict(r=4, alpha=8, dropout=0.0, dora=True))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.05)
+                m.lora_magnitude.mul_(1.1)
+    adapters.save_adapter(model, str(tmp_path / "dora"), tiny_llama)
+    run = setup(_cfg(tmp_path / "run", tiny_llama, str(tmp_path / "dora")))
+    assert run.cfg.dora
+    batch = _batch(run)
+    loaded, _ = hf.load(tiny_llama, compute_dtype=torch.float32, adapters=[str(tmp_path / "dora")])
+    expected = _logps(loaded, batch)
+    assert torch.equal(_logps(run.model, batch), expected)
+    assert torch.equal(_logps(run.model, batch, reference), expected)
+    with torch.no_grad():  # what optimizer steps do: move every trainable factor, the magnitudes included
+        trainable = [p for p in run.model.parameters() if p.requires_grad]
+        assert any(p.dim() == 1 for p in trainable)  # DoRA's magnitudes train
+        for p in trainable:
+            p.mul_(0.9)
+    assert not torch.equal(_logps(run.model, batch), expected)
+    assert torch.equal(_logps(run.model, batch, reference), expected)
