@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -190,9 +191,10 @@ def recorded_lora_init(adapters) -> dict | None:
     return init if isinstance(init, dict) else None
 
 
-def reference_settings(path: str, quant: QuantSpec) -> dict:
+def reference_settings(path: str, quant: QuantSpec, current: dict | None = None) -> dict:
     """The TrainConfig LoRA settings (lora_r, lora_alpha, rslora, dora, lora_targets) of the adapter at
-    `path`, for a DPO run that starts from it (start_from). QloraError when it was trained on another
+    `path`, for a DPO run that starts from it (start_from); each that differs from `current` (the run's
+    settings) is printed, as it replaces the user's. QloraError when it was trained on another
     4-bit format than `quant`, or on a LoftQ / PiSSA-derived base, which this run would not rebuild."""
     cfg, _ = read_adapter(path)
     if recorded_lora_init([path]):
@@ -204,8 +206,12 @@ def reference_settings(path: str, quant: QuantSpec) -> dict:
                          "pass the adapter's quant_type / blocksize / double_quant")
     targets = cfg.get("target_modules")
     attention = isinstance(targets, list) and bool(targets) and set(targets) <= set(ATTENTION_NAMES)
-    return dict(lora_r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), rslora=bool(cfg.get("use_rslora", False)),
-                dora=bool(cfg.get("use_dora", False)), lora_targets="attention" if attention else "all")
+    taken = dict(lora_r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), rslora=bool(cfg.get("use_rslora", False)),
+                 dora=bool(cfg.get("use_dora", False)), lora_targets="attention" if attention else "all")
+    changed = [f"{k} {current[k]} -> {v}" for k, v in taken.items() if current and k in current and current[k] != v]
+    if changed:
+        print(f"{path}: LoRA settings from the adapter: {', '.join(changed)}", file=sys.stderr)
+    return taken
 
 
 def start_from(net: nn.Module, path: str, dropout: float, dtype: torch.dtype) -> None:

@@ -62,7 +62,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
     cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
     if cfg.reference_adapter:  # DPO from a given adapter: its LoRA settings are the run's (estimate, checkpoints)
-        vars(cfg).update(adapters.reference_settings(cfg.reference_adapter, cfg.quant))
+        vars(cfg).update(adapters.reference_settings(cfg.reference_adapter, cfg.quant, vars(cfg)))
     if model is None:
         from .memory import preflight, return_freed_memory
 

@@ -59,9 +59,11 @@ def _batch(run):
     return preference.collate_pairs(run.train_set[:4], run.tokenizer.pad_token_id)
 
 
-def test_policy_and_reference_start_as_the_adapter_then_only_the_policy_moves(tiny_llama, sft_adapter, tmp_path):
+def test_policy_and_reference_start_as_the_adapter_then_only_the_policy_moves(tiny_llama, sft_adapter, tmp_path,
+                                                                              capsys):
     run = setup(_cfg(tmp_path, tiny_llama, sft_adapter))
     assert (run.cfg.lora_r, run.cfg.lora_alpha) == (4, 8.0)  # the adapter's settings, not the defaults (64, 16)
+    assert "LoRA settings from the adapter: lora_r 64 -> 4, lora_alpha 16.0 -> 8.0" in capsys.readouterr().err
     batch = _batch(run)
     loaded, _ = hf.load(tiny_llama, compute_dtype=torch.float32, adapters=[sft_adapter])
     expected = _logps(loaded, batch)
