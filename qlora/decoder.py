@@ -91,12 +91,13 @@ class Decoder:
                            p.heads, p.eps, p.scale, p.screen)
         self.logits = torch.empty(p.embed.shape[0])
 
-    def load(self, cache, length: int) -> None:
-        """Take the prompt's keys and values from the model's own cache (a transformers Cache)."""
+    def load(self, cache, length: int, row: int = 0) -> None:
+        """Take the prompt's keys and values from the model's own cache (a transformers Cache; `row`:
+        which sequence of a batched prefill)."""
         for i, layer in enumerate(cache.layers):
-            blocked = block_keys(layer.keys[0, :, :length])
+            blocked = block_keys(layer.keys[row, :, :length])
             self.keys[i, :, : blocked.shape[1]] = blocked
-            self.values[i, :, :length] = layer.values[0, :, :length]
+            self.values[i, :, :length] = layer.values[row, :, :length]
         self.pos = length
 
     def step(self, token: int) -> torch.Tensor:

@@ -142,18 +142,52 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
            cancel: Callable[[], bool] | None = None) -> Iterator[int]:
     """Up to `budget` token ids after `ids`: the prompt runs once, then one token per step against
     the KV cache. The next step is computed only when the caller asks for the next token."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
+    with torch.inference_mode():  # entered around each forward only: a yield must not leak the mode to the caller
+        out = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=True, logits_to_keep=1)
+    yield from _continue(model, out, 0, len(ids), s, budget, cancel)
+
+
+def sample_many(model, prompts: list[list[int]], s: GenerationSettings, budget: int,
+                batch: int = 16) -> Iterator[tuple[int, Iterator[int]]]:
+    """(index, tokens) for every prompt, the tokens as `sample(model, prompts[index], ...)` gives them,
+    prompts of one length prefilled together (one forward over the weights for up to `batch` of
+    them: the 4-bit weights are dequantized once, and the per-call overhead is paid once). Indices
+    come grouped by length; read each token iterator before asking for the next pair. Batched
+    matmuls may round differently from one prompt's, so a greedy near-tie can go the other way."""
+    if llama_decoder(model, 2) is None:  # the model's own decode continues from its cache: one row each
+        for i, ids in enumerate(prompts):
+            yield i, sample(model, ids, s, budget)
+        return
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    for length, indices in by_length.items():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([prompts[i] for i in chunk], device=_device(model)),
+                            use_cache=True, logits_to_keep=1)
+            for row, i in enumerate(chunk):
+                yield i, _continue(model, out, row, length, s, budget, None)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _continue(model, out, row: int, length: int, s: GenerationSettings, budget: int,
+              cancel: Callable[[], bool] | None) -> Iterator[int]:
+    """The tokens after a prefilled prompt: row `row` of the forward output `out` (logits and cache)."""
+    gen = torch.Generator(device=_device(model))
     if s.seed is None:
         gen.seed()  # nondeterministic, and leaves the global RNG alone
     else:
         gen.manual_seed(s.seed)
-    with torch.inference_mode():  # entered around each forward only: a yield must not leak the mode to the caller
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        step = llama_decoder(model, len(ids) + budget) if budget > 1 else None  # None: the model's forward
+    with torch.inference_mode():
+        step = llama_decoder(model, length + budget) if budget > 1 else None  # None: the model's forward
         if step is not None:
-            step.load(out.cache, len(ids))
-    logits, token = out.logits[0, -1], None
+            step.load(out.cache, length, row)
+    logits, token = out.logits[row, -1], None
     for i in range(budget):
         if cancel and cancel():
             return
@@ -166,7 +200,7 @@ def sample(model, ids: list[int], s: GenerationSettings, budget: int,
                 elif step is not None:
                     logits = step.step(token)
                 else:
-                    out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache,
+                    out = model(input_ids=torch.tensor([[token]], device=_device(model)), cache=out.cache,
                                 use_cache=True)
                     logits = out.logits[0, -1]
 

@@ -14,7 +14,7 @@ import torch
 
 from qlora import decoder, hf
 from qlora.adapters import save_adapter
-from qlora.generate import GenerationSettings, encode_prompt, load_model, sample
+from qlora.generate import GenerationSettings, encode_prompt, load_model, sample, sample_many
 from qlora.nn.surgery import lora_layers
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -121,6 +121,27 @@ def test_sample_takes_the_decoder_and_agrees_with_the_forward(sharp, monkeypatch
     assert decoder.decoder(model, 100) is None
     theirs = list(sample(model, ids, GenerationSettings(), 20))
     assert ours[:8] == theirs[:8]  # greedy; a bf16 flip may part them later on a random model
+
+
+def test_sample_many_prefills_each_length_once_and_agrees_with_sample(sharp, monkeypatch):
+    model, tok = sharp
+    texts = [PROMPT, "The cat sat on the mat", "Once upon a time, in a land far awaz", "The dog sat on the rug", "Hi"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        got = {i: list(tokens) for i, tokens in sample_many(model, prompts, GenerationSettings(), 12)}
+    finally:
+        hook.remove()
+    assert sorted(got) == list(range(len(prompts)))
+    lengths = [len(p) for p in prompts]
+    assert lengths[0] == lengths[2] and lengths[1] == lengths[3]  # two pairs share a length
+    assert sorted(calls) == sorted((lengths.count(n), n) for n in set(lengths))  # one forward per length
+    for i, ids in enumerate(prompts):  # the steps are the same; a batched prefill may round apart later on
+        assert got[i][:6] == list(sample(model, ids, GenerationSettings(), 12))[:6]
+    monkeypatch.setenv("QLORA_DECODE", "model")  # the model's own decode: one prompt at a time, exactly sample
+    assert {i: list(t) for i, t in sample_many(model, prompts, GenerationSettings(), 8)} == {
+        i: list(sample(model, ids, GenerationSettings(), 8)) for i, ids in enumerate(prompts)}
 
 
 def test_plan_follows_the_adapter_weights(sharp):
