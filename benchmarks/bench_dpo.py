@@ -67,7 +67,11 @@ def run_trl(steps: int) -> dict:
                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, lr_scheduler_type="constant",
                      max_grad_norm=0.3, optim="adamw_torch")
     lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs()), processing_class=tok,
+    # TRL reads a pair as conversational when its prompt is a message list, and then wants the answers as
+    # messages too: the same pairs, each answer wrapped as one assistant message
+    rows = [dict(p, chosen=[{"role": "assistant", "content": p["chosen"]}],
+                 rejected=[{"role": "assistant", "content": p["rejected"]}]) for p in pairs()]
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora)
     t = time.perf_counter()
     trainer.train()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from .errors import QloraError
 from .nn import LoRALinear, lora_init
-from .nn.surgery import lora_layers, lora_settings, quant_of
+from .nn.surgery import ATTENTION_NAMES, lora_layers, lora_settings, quant_of
 from .quant.spec import QuantSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -188,3 +189,40 @@ def recorded_lora_init(adapters) -> dict | None:
     """The LoftQ / PiSSA init (nn.lora_init.spec) the (first) adapter's base was derived with, or None."""
     init = _recorded(adapters).get("lora_init")
     return init if isinstance(init, dict) else None
+
+
+def reference_settings(path: str, quant: QuantSpec, current: dict | None = None) -> dict:
+    """The TrainConfig LoRA settings (lora_r, lora_alpha, rslora, dora, lora_targets) of the adapter at
+    `path`, for a DPO run that starts from it (start_from); each that differs from `current` (the run's
+    settings) is printed, as it replaces the user's. QloraError when it was trained on another
+    4-bit format than `quant`, or on a LoftQ / PiSSA-derived base, which this run would not rebuild."""
+    cfg, _ = read_adapter(path)
+    if recorded_lora_init([path]):
+        raise QloraError(f"{path}: adapter trained on a LoftQ / PiSSA-derived base; as a DPO reference it needs "
+                         "the plain quantized base (merge it first: qlora export)")
+    recorded = recorded_quant([path])
+    if recorded != quant:
+        raise QloraError(f"{path}: adapter trained on a {recorded.name} base, this run quantizes {quant.name}; "
+                         "pass the adapter's quant_type / blocksize / double_quant")
+    targets = cfg.get("target_modules")
+    attention = isinstance(targets, list) and bool(targets) and set(targets) <= set(ATTENTION_NAMES)
+    taken = dict(lora_r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), rslora=bool(cfg.get("use_rslora", False)),
+                 dora=bool(cfg.get("use_dora", False)), lora_targets="attention" if attention else "all")
+    changed = [f"{k} {current[k]} -> {v}" for k, v in taken.items() if current and k in current and current[k] != v]
+    if changed:
+        print(f"{path}: LoRA settings from the adapter: {', '.join(changed)}", file=sys.stderr)
+    return taken
+
+
+def start_from(net: nn.Module, path: str, dropout: float, dtype: torch.dtype) -> None:
+    """LoRA on `net` as the adapter at `path` left it, trainable: its layers, r, alpha and weights (A, B in
+    `dtype`; DoRA's magnitude fp32), with `dropout`; everything else frozen, as add_lora leaves it."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    load_adapter(net, path)
+    for layer in lora_layers(net).values():
+        layer.dropout = dropout
+        layer.lora_A.to(dtype)
+        layer.lora_B.to(dtype)
+        for p in (layer.lora_A.weight, layer.lora_B.weight) + ((layer.lora_magnitude,) if layer.dora else ()):
+            p.requires_grad_(True)

@@ -106,9 +106,13 @@ class TrainConfig:
     # ---- objective (preference tuning) ----
     objective: Literal["sft", "dpo", "orpo"] = "sft"
     """sft: next-token loss on the answers; dpo / orpo: preference tuning on prompt/chosen/rejected pairs
-    (DPO's reference is the base with LoRA off)."""
+    (DPO's reference is the base with LoRA off, or reference_adapter)."""
     beta: float = 0.1
     """DPO: beta, the strength of the pull towards the reference; ORPO: lambda, the weight of the odds-ratio term."""
+    reference_adapter: Optional[str] = None
+    """DPO only: an adapter dir (e.g. the SFT run's) that the policy starts from and whose frozen copy is the
+    reference; its r, alpha, rslora, DoRA and targets replace the lora_* settings. The saved adapter is the whole
+    policy."""
     # ---- optimisation ----
     max_steps: int = 200
     """Optimizer steps to run."""
@@ -205,7 +209,7 @@ def _coerce(key: str, value, tp):
             return items[0] if len(items) == 1 else items
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
-        if isinstance(value, str) and value not in args:  # bf16 -> bfloat16 ..., unless bf16 is a choice itself
+        if isinstance(value, str) and value not in args:  # bf16 -> bfloat16 for dtypes; quant_type keeps its bf16
             value = spelled(value)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -268,6 +272,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.objective != "sft" and (cfg.data_format != "auto" or cfg.train_on_source or cfg.packing):
         raise ConfigError(f"{source}: objective {cfg.objective} reads preference rows (prompt/chosen/rejected); "
                           "data_format, train_on_source and packing apply to sft only")
+    if cfg.reference_adapter is not None and (cfg.objective != "dpo" or cfg.lora_init != "gaussian"):
+        raise ConfigError(f"{source}: reference_adapter applies to objective dpo with lora_init gaussian only "
+                          f"(got objective {cfg.objective}, lora_init {cfg.lora_init}); ORPO and SFT use no reference")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"{source}: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 <= cfg.warmup_ratio <= 1:

@@ -1,8 +1,9 @@
 """The built-in preference demo (`qlora train --objective dpo|orpo` with no --data): pairs from the
-SFT demo's extraction task, the correct JSON against a plausible wrong one (one field off: age or
-year by a little, another city, the surname dropped), so improvement is checkable two ways on
-held-out rows: pair accuracy (the model gives the correct answer the higher log-probability) and
-exact match of its greedy answer, before and after.
+SFT demo's extraction task, the correct compact JSON against what the base model itself tends to
+write (the record pretty-printed, after a "JSON:" preamble or in a fence, sometimes with a field
+wrong) or a plausible wrong record (one field off), so the base starts on the wrong side of most
+pairs and improvement is checkable two ways on held-out rows: pair accuracy (the model gives the
+correct answer the higher log-probability) and exact match of its greedy answer, before and after.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from .demo import exact_match_accuracy, write_rows
 from .objectives import sequence_logps, split_pairs
 from .train import fit, peak_rss_mb, setup
 
-# Where the user gave none: shorter than the SFT demo (each step runs two sequences per pair, and DPO
-# a reference forward besides); a LoRA learning rate, as the SFT demo's, not full finetuning's 5e-7.
+# Where the user gave none: sized for a 2-core AVX2 CPU (fp32), ~10-15 min for the whole demo: each
+# step runs two sequences per pair (and DPO a reference forward besides), and pair accuracy plus
+# exact match are scored twice on 100 held-out rows. A LoRA learning rate, not full finetuning's 5e-7.
 DEMO_DEFAULTS = dict(
-    output_dir="runs/demo-preference", max_steps=100, batch_size=4, lr=5e-4, max_seq_len=160, max_source_len=128,
-    max_target_len=64, val_fraction=0.02, eval_steps=50, save_steps=50, logging_steps=5,
+    output_dir="runs/demo-preference", max_steps=30, batch_size=4, lr=5e-4, max_seq_len=160, max_source_len=128,
+    max_target_len=64, val_fraction=0.02, eval_steps=30, save_steps=30, logging_steps=5,
 )
 N_TRAIN, N_TEST = 1000, 100
 
 
-def wrong_answer(answer: str, rng: random.Random) -> str:
-    """The answer with one field plausibly wrong (what an extraction model gets wrong)."""
-    record = json.loads(answer)
+def field_error(record: dict, rng: random.Random) -> dict:
+    """The record with one field plausibly wrong (what an extraction model gets wrong)."""
+    record = dict(record)
     kind = rng.choice(("age", "year", "city", "name"))
     if kind == "age":
         record["age"] += rng.choice((-3, -2, -1, 1, 2, 3))
@@ -42,7 +44,27 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
         record["city"] = rng.choice([c for c in demo_task.CITIES if c != record["city"]])
     else:
         record["name"] = record["name"].split()[0]
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return record
+
+
+# The base model's own answer styles: SmolLM2-135M-Instruct writes 'JSON:\n{\n  "name": ...' (or a
+# fenced block), which it scores far above the compact line, so a pair against one of these starts
+# on the wrong side and training must move it (a one-field error alone was already won before training).
+VERBOSE = (
+    lambda r: "JSON:\n" + json.dumps(r, ensure_ascii=False, indent=2),
+    lambda r: json.dumps(r, ensure_ascii=False, indent=2),
+    lambda r: "```json\n" + json.dumps(r, ensure_ascii=False, indent=2) + "\n```",
+)
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A rejected answer for the compact correct `answer`: the record in a verbose style the base model
+    prefers (three pairs in four; half of those with a field wrong as well), or compact with one field wrong."""
+    record = json.loads(answer)
+    kind = rng.randrange(4)
+    if kind == 3:
+        return json.dumps(field_error(record, rng), ensure_ascii=False, separators=(",", ":"))
+    return VERBOSE[rng.randrange(len(VERBOSE))](field_error(record, rng) if rng.random() < 0.5 else record)
 
 
 def make_pairs(rows: list[dict], seed: int) -> list[dict]:
@@ -56,6 +78,7 @@ def make_pairs(rows: list[dict], seed: int) -> list[dict]:
 def pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> float:
     """Share of pairs whose chosen answer gets the higher summed log-probability."""
     examples, _ = preference.build_pairs(pairs, tokenizer, 128, 64, 160, source="held-out pairs")
+    examples.sort(key=preference.length)  # batches of similar length: less padding to run through the model
     was_training, wins = model.training, 0
     model.eval()
     for start in range(0, len(examples), batch_size):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.packing import model_inputs
-from .nn.lora import disabled
+from .nn.lora import reference as reference_policy
 from .nn.loss import linear_cross_entropy
 
 # what preference_loss sums over a batch's pairs (metrics.jsonl logs each divided by "pairs")
@@ -84,13 +84,14 @@ def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, n_chosen: torch.Tens
 
 def preference_loss(model, batch: dict, objective: str, beta: float) -> tuple[torch.Tensor, dict]:
     """(loss summed over the batch's P pairs, metric sums): DPO against the reference policy = this
-    model with LoRA disabled (the frozen 4-bit base, no second copy; forward only, nothing kept for
+    model with LoRA disabled (the frozen 4-bit base), or with a given adapter's frozen factors swapped
+    in (nn.lora.reference; no second copy of the base either way; forward only, nothing kept for
     backward), or ORPO, which needs no reference. Metric sums: reward margin and accuracy, chosen and
     rejected log-probabilities, pairs."""
     logps, counts = sequence_logps(model, batch)
     chosen, rejected = split_pairs(logps)
     if objective == "dpo":
-        with torch.no_grad(), disabled(model):
+        with torch.no_grad(), reference_policy(model):
             reference, _ = sequence_logps(model, batch)
         losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, *split_pairs(reference), beta)
     else:

@@ -22,6 +22,7 @@ from .data import preference
 from .errors import QloraError
 from .metrics import peak_rss_mb
 from .nn import lora_init
+from .nn.lora import keep_reference
 from .nn.surgery import add_lora
 from .objectives import loss_sum
 
@@ -60,6 +61,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     sources = _read_sources(cfg, rows)  # errors name file:line before the model loads
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
     cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
+    if cfg.reference_adapter:  # DPO from a given adapter: its LoRA settings are the run's (estimate, checkpoints)
+        vars(cfg).update(adapters.reference_settings(cfg.reference_adapter, cfg.quant, vars(cfg)))
     if model is None:
         from .memory import preflight, return_freed_memory
 
@@ -72,9 +75,14 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
                 lora_init=lora_init.spec(cfg.lora_init, cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.loftq_iters),
             )
     torch.manual_seed(cfg.seed)  # LoRA A init
-    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             targets=cfg.lora_targets, rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)
+    if cfg.reference_adapter:  # the policy starts from the adapter, and a frozen copy of it is DPO's reference
+        adapters.start_from(model, cfg.reference_adapter, cfg.lora_dropout, precision.torch_dtype(cfg.lora_dtype))
+    else:
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                 rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)
     model.to(device)
+    if cfg.reference_adapter:
+        keep_reference(model)  # after the move: the copies live where the factors do
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights
         from .memory import return_freed_memory
 
@@ -347,8 +355,8 @@ def finish(run: Run, opt, summary: dict) -> dict:
 
 def _check_compatible(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     old = state.get("config", {})
-    for key in ("model", "objective", "lora_r", "lora_targets", "lora_dtype", "quant_type", "optimizer", "batch_size",
-                "grad_accum", "seed"):
+    for key in ("model", "objective", "reference_adapter", "lora_r", "lora_targets", "lora_dtype", "quant_type",
+                "optimizer", "batch_size", "grad_accum", "seed"):
         if key in old and old[key] != getattr(cfg, key):
             raise QloraError(f"{ckpt}: checkpoint was written with {key}={old[key]!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")

@@ -29,6 +29,11 @@ def test_every_model_verb_takes_the_base_format_and_both_dtype_spellings(parser,
     assert (defaults.quant_type, defaults.blocksize, defaults.double_quant) == (None, None, None)
 
 
+def test_train_takes_bf16_as_quant_type_and_as_dtype_alias(parser):
+    args = parser.parse_args(["train", "--quant-type", "bf16", "--compute-dtype", "bf16", "--lora-dtype", "bf16"])
+    assert (args.quant_type, args.compute_dtype, args.lora_dtype) == ("bf16", "bfloat16", "bfloat16")
+
+
 def test_blocksize_choices_are_the_quantizers(parser, capsys):
     for bs in BLOCKSIZES:
         assert parser.parse_args(["eval", "perplexity", "--blocksize", str(bs)]).blocksize == bs

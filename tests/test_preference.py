@@ -204,3 +204,33 @@ def test_dpo_under_gradient_checkpointing_matches(tiny_llama, tmp_path):
         lines = (Path(out["output_dir"]) / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(ln)["loss"] for ln in lines])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _parse_answer(answer: str) -> tuple[dict, bool]:
+    """(the record a demo answer holds, whether it is the compact one-line style the task asks for)."""
+    text = answer.removeprefix("JSON:\n").removeprefix("```json\n").removesuffix("\n```")
+    record = json.loads(text)
+    return record, answer == json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_demo_pairs_reject_the_base_models_verbose_styles_and_wrong_fields():
+    from collections import Counter
+
+    from qlora import demo_task
+    from qlora.demo_preference import make_pairs
+
+    rows, _ = demo_task.make_demo_task(n_train=400, n_test=0, seed=0)
+    pairs = make_pairs(rows, 0)
+    assert pairs == make_pairs(rows, 0)  # same seed, same pairs
+    styles = Counter()
+    for row, pair in zip(rows, pairs):
+        assert pair["prompt"] == row["messages"][:2] and pair["chosen"] == row["messages"][2]["content"]
+        truth, chosen_compact = _parse_answer(pair["chosen"])
+        record, compact = _parse_answer(pair["rejected"])
+        wrong = [k for k in truth if record[k] != truth[k]]
+        assert chosen_compact and record.keys() == truth.keys() and len(wrong) <= 1
+        assert not compact or wrong  # a compact rejected answer always has a field wrong
+        style = "compact" if compact else pair["rejected"].split("\n")[0]  # JSON: / ```json / {
+        styles[style, bool(wrong)] += 1
+    assert set(styles) == {("compact", True), *((s, w) for s in ("JSON:", "```json", "{") for w in (False, True))}
+    assert 70 <= styles["compact", True] <= 130  # one pair in four: compact with a field wrong; else verbose

@@ -13,19 +13,14 @@ from ..precision import spelled
 ALIASES = {"output_dir": ("--output",)}
 
 
-def _speller(choices):
-    """argparse `type=`: an alias in its canonical spelling (--compute-dtype bf16 -> bfloat16) unless
-    the name is itself a choice (--quant-type bf16, whose choices spell it so)."""
-    return lambda name: name if name in choices else spelled(name)
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="finetune a 4-bit model with LoRA (no arguments: the built-in demo)",
         description="QLoRA finetuning. Values come from defaults < --config YAML < flags. "
         "With no --data, runs the built-in demo: generates an extraction task, reports held-out "
         "exact match before and after finetuning the embedded SmolLM2-135M-Instruct; with --objective dpo or "
-        "orpo, the preference demo: pairs from that task (correct vs plausible wrong answer), held-out pair "
+        "orpo, the preference demo: pairs from that task (the compact correct answer vs the base model's verbose "
+        "style or a wrong field), held-out pair "
         "accuracy and exact match before and after.",
         argument_default=argparse.SUPPRESS,
     )
@@ -45,8 +40,14 @@ def register(sub) -> None:
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
             p.add_argument(*flags, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
-                           type=_speller(choices) if choices else None)  # --compute-dtype bf16
+                           type=_respelled(choices) if choices else None)  # --compute-dtype bf16
     p.set_defaults(func=run)
+
+
+def _respelled(choices):
+    """argparse type: a choice as given, else its canonical spelling (--compute-dtype bf16 -> bfloat16); a
+    choice is never respelled, since bf16 is itself a --quant-type."""
+    return lambda value: value if value in choices else spelled(value)
 
 
 def run(args) -> int:
@@ -57,7 +58,7 @@ def run(args) -> int:
     merged = load_yaml(config_file) if config_file else {}
     merged.update(values)
     if merged.get("data") is None and merged.get("objective") in ("dpo", "orpo"):
-        from ..demo_preference import run_demo  # pairs from the demo task: correct vs plausible wrong answer
+        from ..demo_preference import run_demo  # pairs from the demo task: correct vs verbose or wrong answer
 
         summary = run_demo(merged)
     elif merged.get("data") is None:

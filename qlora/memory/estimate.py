@@ -76,6 +76,7 @@ class Settings:
     device: str = "cpu"
     shards: int = 1  # ranks the decoder layers' 4-bit weights are split over (--shard-base); the estimate is one rank's
     objective: str = "sft"  # dpo/orpo: batch_size counts sequences (2 per pair); the loss keeps whole log-softmax rows
+    reference_copy: bool = False  # DPO from a given adapter: a frozen copy of A and B is the reference (nn.lora)
 
     def check(self) -> "Settings":
         # 'auto' becomes what training would pick on this machine (and device); aliases as everywhere
@@ -346,7 +347,8 @@ def estimate(model_config: dict, **settings) -> Breakdown:
     overhead = FRAMEWORK_OVERHEAD[s.device]
     return Breakdown(
         weights_4bit=codes + scales, weights_16bit=w16,
-        lora_weights=n_lora * BYTES[s.lora_dtype], lora_grads=n_lora * BYTES[s.lora_dtype],
+        lora_weights=n_lora * BYTES[s.lora_dtype] * (2 if s.reference_copy else 1),
+        lora_grads=n_lora * BYTES[s.lora_dtype],
         optimizer_states=resident, optimizer_paged_out=opt_total - resident, optimizer_largest_page=max(pages),
         activations=with_ckpt if s.gradient_checkpointing else without,
         activations_without_checkpointing=without, activations_with_checkpointing=with_ckpt,

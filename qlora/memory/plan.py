@@ -142,6 +142,7 @@ def settings_for(cfg: TrainConfig, device: str = "cpu") -> dict:
         optimizer_memory_budget=parse_size(budget, "optimizer_memory_budget") if budget else None,
         compute_dtype=cfg.compute_dtype, device=device,
         shards=max(cfg.nproc, distributed.world_size()) if cfg.shard_base else 1, objective=cfg.objective,
+        reference_copy=cfg.reference_adapter is not None,
     )
 
 

@@ -46,6 +46,7 @@ class LoRALinear(nn.Module):
         seeded.threshold(dropout)  # validates 0 <= p < 1
         self.dropout = dropout
         self.disabled = False  # True: the base layer alone (DPO's reference pass, see `disabled`)
+        self.reference: dict[str, torch.Tensor] | None = None  # frozen factors of a given reference (`keep_reference`)
         self.dora = dora
         self.reset_parameters()
         for p in base.parameters():
@@ -214,6 +215,46 @@ def disabled(model: nn.Module):
     finally:
         for m in layers:
             m.disabled = False
+
+
+_FACTORS = ("lora_A.weight", "lora_B.weight", "lora_magnitude")
+
+
+def keep_reference(model: nn.Module) -> int:
+    """Freeze a copy of every LoRALinear's current factors (A, B and DoRA's magnitude) as DPO's
+    reference policy: plain tensors on the layer, not parameters, so neither the optimizer nor the
+    saved adapter sees them. -> bytes held by the copies."""
+    held = 0
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reference = {n: m.get_parameter(n).detach().clone() for n in _FACTORS if _has(m, n)}
+            held += sum(t.numel() * t.element_size() for t in m.reference.values())
+    return held
+
+
+@contextlib.contextmanager
+def reference(model: nn.Module):
+    """DPO's reference policy inside the block (use under no_grad): the frozen factors `keep_reference`
+    copied where the layers hold them (a given adapter, e.g. the SFT one), else the base with LoRA
+    disabled. The factors are swapped in place of the trainable ones, so no second model exists."""
+    pairs = [(m.get_parameter(n), t) for m in model.modules() if isinstance(m, LoRALinear)
+             for n, t in (m.reference or {}).items()]
+    if not pairs:
+        with disabled(model):
+            yield model
+        return
+    trained = [p.data for p, _ in pairs]
+    for p, t in pairs:
+        p.data = t
+    try:
+        yield model
+    finally:
+        for (p, _), t in zip(pairs, trained):
+            p.data = t
+
+
+def _has(layer: "LoRALinear", name: str) -> bool:
+    return name != "lora_magnitude" or layer.dora
 
 
 def _root_dtype(layer: "LoRALinear") -> torch.dtype:
