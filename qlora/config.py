@@ -209,8 +209,8 @@ def _coerce(key: str, value, tp):
             return items[0] if len(items) == 1 else items
         return _coerce(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
-        if isinstance(value, str) and value not in args:  # bf16 -> bfloat16 for dtypes; quant_type keeps its bf16
-            value = spelled(value)
+        if isinstance(value, str):  # bf16 -> bfloat16 for dtypes; quant_type keeps its bf16
+            value = spelled(value, args)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

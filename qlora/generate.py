@@ -178,7 +178,8 @@ def _device(model) -> torch.device:
 def _continue(model, out, row: int, length: int, s: GenerationSettings, budget: int,
               cancel: Callable[[], bool] | None) -> Iterator[int]:
     """The tokens after a prefilled prompt: row `row` of the forward output `out` (logits and cache)."""
-    gen = torch.Generator(device=_device(model))
+    device = _device(model)
+    gen = torch.Generator(device=device)
     if s.seed is None:
         gen.seed()  # nondeterministic, and leaves the global RNG alone
     else:
@@ -200,8 +201,7 @@ def _continue(model, out, row: int, length: int, s: GenerationSettings, budget: 
                 elif step is not None:
                     logits = step.step(token)
                 else:
-                    out = model(input_ids=torch.tensor([[token]], device=_device(model)), cache=out.cache,
-                                use_cache=True)
+                    out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
                     logits = out.logits[0, -1]
 
 

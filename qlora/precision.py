@@ -30,10 +30,11 @@ CHOICES = ("auto", *NAMES)
 _announced: set[str] = set()
 
 
-def spelled(name: str) -> str:
-    """An alias in its canonical spelling ('bf16' -> 'bfloat16'); anything else as it is (argparse's
-    `type=` for flags whose `choices` then check it)."""
-    return ALIASES.get(name, name)
+def spelled(name: str, choices=()) -> str:
+    """An alias in its canonical spelling ('bf16' -> 'bfloat16'); anything else, or a name that is itself
+    one of `choices` (bf16 is a --quant-type), as it is (argparse's `type=` for flags whose `choices`
+    then check it)."""
+    return name if name in choices else ALIASES.get(name, name)
 
 
 def canonical(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import typing
 
@@ -40,14 +41,8 @@ def register(sub) -> None:
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
             p.add_argument(*flags, choices=choices, metavar=None if choices else f.name.upper(), help=helptext,
-                           type=_respelled(choices) if choices else None)  # --compute-dtype bf16
+                           type=functools.partial(spelled, choices=choices) if choices else None)  # bf16 dtype
     p.set_defaults(func=run)
-
-
-def _respelled(choices):
-    """argparse type: a choice as given, else its canonical spelling (--compute-dtype bf16 -> bfloat16); a
-    choice is never respelled, since bf16 is itself a --quant-type."""
-    return lambda value: value if value in choices else spelled(value)
 
 
 def run(args) -> int:
