@@ -43,7 +43,8 @@ def _cfg(tmp_path: Path, model: str, adapter: str, **kw):
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     base = dict(model=model, data=str(data), output_dir=str(tmp_path / "out"), objective="dpo", max_steps=3,
                 batch_size=4, logging_steps=1, save_steps=0, eval_steps=0, val_fraction=0.0, warmup_ratio=0.0,
-                threads=1, optimizer="adamw", lr=5e-3, lora_dropout=0.0, reference_adapter=adapter)
+                threads=1, optimizer="adamw", lr=5e-3, lora_dropout=0.0, reference_adapter=adapter,
+                compute_dtype="float32")  # the comparisons below load in fp32; auto is bf16 on AVX512-BF16
     return build_config({**base, **kw})
 
 
