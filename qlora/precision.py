@@ -7,7 +7,9 @@ desktop and most cloud VMs) torch's bf16 matmul is emulated: ~7 GFLOP/s per core
 fp32 on a Zen 3 core, so a training step runs ~20x slower. `auto` therefore means:
 
   - CUDA: bf16 where the GPU supports it, else fp32;
-  - x86 CPU: bf16 with AVX512_BF16 or AMX-BF16, else fp32;
+  - x86 CPU: bf16 with AVX512_BF16 or AMX-BF16, else fp32 (also when $ONEDNN_MAX_CPU_ISA caps oneDNN,
+    which runs torch's bf16 matmuls, below AVX512_CORE_BF16: the way to measure the AVX2 paths on
+    an AVX-512 machine, where bf16 is then emulated);
   - ARM CPU: bf16 when the CPU has BF16 instructions *and* a small timed matmul is faster in bf16
     than in fp32 (torch's ARM kernels use them only on some builds), else fp32;
   - anything else: fp32.
@@ -16,6 +18,7 @@ fp32 on a Zen 3 core, so a training step runs ~20x slower. `auto` therefore mean
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 import time
@@ -28,6 +31,8 @@ ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 # What a --compute-dtype / --dtype flag accepts (the aliases too, via canonical()).
 CHOICES = ("auto", *NAMES)
 _announced: set[str] = set()
+# $ONEDNN_MAX_CPU_ISA values below AVX512_CORE_BF16: oneDNN then has no native bf16 dot product.
+_ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def spelled(name: str, choices=()) -> str:
@@ -113,6 +118,9 @@ def auto_choice(device_type: str) -> tuple[str, str]:
     flags, machine = _cpu_flags(), platform.machine().lower()
     if machine in ("x86_64", "amd64", "i386", "i686"):
         native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        if native and cap in _ONEDNN_CAPS_WITHOUT_BF16:
+            return "float32", f"ONEDNN_MAX_CPU_ISA={cap} leaves torch no native bf16 matmul: fp32 is faster"
         if native:
             return "bfloat16", f"this CPU multiplies bf16 natively ({', '.join(native)})"
         isa = "AVX-512" if "avx512f" in flags or "avx512_f" in flags else "AVX2" if "avx2" in flags else "x86"
