@@ -1,4 +1,4 @@
-"""Fused RMSNorm and SwiGLU (nn/fused.py, quant/csrc/train_cpu.cpp) against transformers' modules.
+"""Fused RMSNorm and SwiGLU (nn/fused.py, quant/csrc/fused_cpu.cpp) against transformers' modules.
 
 Stated tolerance: the compiled kernels sum squares in their own order and use their own exp, so an
 output may sit one bf16 rounding away from transformers' — at most 0.1% of elements, each within
@@ -85,6 +85,32 @@ def test_swiglu_and_cross_entropy_kernel_builds_agree(k):
     zz = z.clone()
     torch.testing.assert_close(k.train.cross_entropy_rows(zz, y, True), expected, rtol=1e-6, atol=1e-5)
     _close(zz, grad_ref, max_fraction=5e-3)
+
+
+def test_fp32_kernels_match_torch_ops(k):
+    """fp32 (the compute dtype without native bf16): no bf16 rounding between ops; the kernels' own sum
+    order and exp leave a few fp32 ulps against transformers' ops."""
+    g = torch.Generator().manual_seed(4)
+    hf = LlamaRMSNorm(100, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(torch.rand(100, generator=g) + 0.5)
+    x, dy = torch.randn(3, 67, 100, generator=g) * 3, torch.randn(3, 67, 100, generator=g)
+    a = x.clone().requires_grad_()
+    y_ref = hf(a)
+    (dx_ref,) = torch.autograd.grad(y_ref, a, dy)
+    y, rstd = k.train.rms_norm_forward(x.reshape(-1, 100), hf.weight.detach(), 1e-5)
+    dx = k.train.rms_norm_backward(dy.reshape(-1, 100), x.reshape(-1, 100), hf.weight.detach(), rstd)
+    assert y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y.view_as(y_ref), y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.view_as(dx_ref), dx_ref, rtol=1e-4, atol=1e-5)  # a mean of products
+    gate, up, dh = torch.randn(5000, generator=g) * 4, torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    h_ref = F.silu(a) * b
+    dg_ref, du_ref = torch.autograd.grad(h_ref, (a, b), dh)
+    torch.testing.assert_close(k.train.swiglu_forward(gate, up), h_ref, rtol=1e-5, atol=1e-6)
+    dg, du = k.train.swiglu_backward(dh, gate, up)
+    torch.testing.assert_close(dg, dg_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("reference", [False, True])

@@ -220,28 +220,29 @@ def make_calls() -> Calls:
                       [n, _DTYPES[dt], threshold, seed, inplace],
                       [1.0 / (1.0 - p)], [x])
 
-    # RMSNorm forward and backward (a zero row and a huge row among them), ragged widths
-    for d in (1, 15, 16, 17, 64, 100, 583):
-        rows = 4
-        x = torch.randn(rows, d, generator=g) * torch.tensor([[1.0], [0.0], [1e30], [1e-3]])
-        x = x.bfloat16()
-        w = (torch.randn(d, generator=g) * 0.2 + 1).bfloat16()
-        for eps in (1e-5, 1e-6):
-            c.add(f"rms_norm_forward/d={d}/eps={eps}", [rows, d], [eps], [x, w])
-        rstd = torch.rsqrt(x.float().pow(2).mean(1) + 1e-5)
-        dy = torch.randn(rows, d, generator=g).bfloat16()
-        c.add(f"rms_norm_backward/d={d}", [rows, d], [], [dy, x, w, rstd])
+    # RMSNorm forward and backward (a zero row and a huge row among them), ragged widths; bf16 and fp32
+    for dt in (torch.bfloat16, torch.float32):
+        for d in (1, 15, 16, 17, 64, 100, 583):
+            rows = 4
+            x = (torch.randn(rows, d, generator=g) * torch.tensor([[1.0], [0.0], [1e30], [1e-3]])).to(dt)
+            w = (torch.randn(d, generator=g) * 0.2 + 1).to(dt)
+            for eps in (1e-5, 1e-6):
+                c.add(f"rms_norm_forward/{dt}/d={d}/eps={eps}", [rows, d, _DTYPES[dt]], [eps], [x, w])
+            rstd = torch.rsqrt(x.float().pow(2).mean(1) + 1e-5)
+            dy = torch.randn(rows, d, generator=g).to(dt)
+            c.add(f"rms_norm_backward/{dt}/d={d}", [rows, d, _DTYPES[dt]], [], [dy, x, w, rstd])
 
     # SwiGLU forward and backward: ragged sizes across the 16,384-element chunk, and every bf16 gate
-    for n in (1, 15, 16, 17, 1000, (1 << 14) + 17):
-        gt = (torch.randn(n, generator=g) * 4).bfloat16()
-        u, dh = (torch.randn(n, generator=g).bfloat16() for _ in range(2))
-        c.add(f"swiglu_forward/n={n}", [n], [], [gt, u])
-        c.add(f"swiglu_backward/n={n}", [n], [], [dh, gt, u])
-    gt = _bf16_all()
-    u, dh = (torch.randn(65536, generator=g).bfloat16() for _ in range(2))
-    c.add("swiglu_forward/every-bf16-gate", [65536], [], [gt, u])
-    c.add("swiglu_backward/every-bf16-gate", [65536], [], [dh, gt, u])
+    for dt in (torch.bfloat16, torch.float32):
+        for n in (1, 15, 16, 17, 1000, (1 << 14) + 17):
+            gt = (torch.randn(n, generator=g) * 4).to(dt)
+            u, dh = (torch.randn(n, generator=g).to(dt) for _ in range(2))
+            c.add(f"swiglu_forward/{dt}/n={n}", [n, _DTYPES[dt]], [], [gt, u])
+            c.add(f"swiglu_backward/{dt}/n={n}", [n, _DTYPES[dt]], [], [dh, gt, u])
+        gt = _bf16_all().to(dt)
+        u, dh = (torch.randn(65536, generator=g).to(dt) for _ in range(2))
+        c.add(f"swiglu_forward/{dt}/every-bf16-gate", [65536, _DTYPES[dt]], [], [gt, u])
+        c.add(f"swiglu_backward/{dt}/every-bf16-gate", [65536, _DTYPES[dt]], [], [dh, gt, u])
 
     # per-row cross-entropy, with and without the gradient; one row spans 1e4, one has -inf logits
     for v in (1, 15, 16, 17, 100, 1003):

@@ -51,13 +51,13 @@ void qlora_gemm_4bit(const float* x, int64_t m, int64_t k, const uint8_t* packed
                      int64_t nested_bs, const float* code, int64_t n_out, int64_t bs, float* out, int nthreads);
 void qlora_dropout(const void* x, void* out, int64_t n, int dtype, uint32_t threshold, float scale, uint32_t seed,
                    int nthreads);
-void qlora_rms_norm_forward(const uint16_t* x, const uint16_t* w, int64_t rows, int64_t d, float eps, uint16_t* y,
-                            float* rstd, int nthreads);
-void qlora_rms_norm_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* w, const float* rstd,
-                             int64_t rows, int64_t d, uint16_t* dx, int nthreads);
-void qlora_swiglu_forward(const uint16_t* g, const uint16_t* u, uint16_t* h, int64_t n, int nthreads);
-void qlora_swiglu_backward(const uint16_t* dh, const uint16_t* g, const uint16_t* u, uint16_t* dg, uint16_t* du,
-                           int64_t n, int nthreads);
+void qlora_rms_norm_forward(const void* x, const void* w, int64_t rows, int64_t d, float eps, void* y, float* rstd,
+                            int dtype, int nthreads);
+void qlora_rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, int64_t rows, int64_t d,
+                             void* dx, int dtype, int nthreads);
+void qlora_swiglu_forward(const void* g, const void* u, void* h, int64_t n, int dtype, int nthreads);
+void qlora_swiglu_backward(const void* dh, const void* g, const void* u, void* dg, void* du, int64_t n, int dtype,
+                           int nthreads);
 void qlora_cross_entropy_rows(uint16_t* z, int64_t rows, int64_t v, const int64_t* targets, float* loss, int grad,
                               int nthreads);
 void qlora_decode_threads(int n);
@@ -267,34 +267,34 @@ void run(const Call& c, Outputs& out) {
     void* y = out.add(std::string("out:") + dtype_name(dtype), size_t(n) * dtype_size(dtype));
     if (inplace) std::memcpy(y, x, size_t(n) * dtype_size(dtype));  // "out may alias x"
     qlora_dropout(inplace ? y : x, y, n, int(dtype), uint32_t(threshold), scale, uint32_t(seed), 1);
-  } else if (op == "rms_norm_forward") {
-    const int64_t rows = a.i(), d = a.i();
+  } else if (op == "rms_norm_forward") {  // ints: rows, d, dtype (0 fp32, 2 bf16)
+    const int64_t rows = a.i(), d = a.i(), dt = a.i(), es = dt == 0 ? 4 : 2;
     const float eps = a.f();
-    const uint16_t* x = a.need<uint16_t>(size_t(rows * d) * 2);
-    const uint16_t* w = a.need<uint16_t>(size_t(d) * 2);
-    uint16_t* y = out.add<uint16_t>("y:bf16", size_t(rows * d) * 2);
-    float* rstd = out.add<float>("rstd:f32", size_t(rows) * 4);
-    qlora_rms_norm_forward(x, w, rows, d, eps, y, rstd, 1);
+    const uint8_t* x = a.need<uint8_t>(size_t(rows * d * es));
+    const uint8_t* w = a.need<uint8_t>(size_t(d * es));
+    uint8_t* y = out.add<uint8_t>(dt == 0 ? "y:f32" : "y:bf16", size_t(rows * d * es));
+    qlora_rms_norm_forward(x, w, rows, d, eps, y, out.add<float>("rstd:f32", size_t(rows) * 4), int(dt), 1);
   } else if (op == "rms_norm_backward") {
-    const int64_t rows = a.i(), d = a.i();
-    const uint16_t* dy = a.need<uint16_t>(size_t(rows * d) * 2);
-    const uint16_t* x = a.need<uint16_t>(size_t(rows * d) * 2);
-    const uint16_t* w = a.need<uint16_t>(size_t(d) * 2);
+    const int64_t rows = a.i(), d = a.i(), dt = a.i(), es = dt == 0 ? 4 : 2;
+    const uint8_t* dy = a.need<uint8_t>(size_t(rows * d * es));
+    const uint8_t* x = a.need<uint8_t>(size_t(rows * d * es));
+    const uint8_t* w = a.need<uint8_t>(size_t(d * es));
     const float* rstd = a.need<float>(size_t(rows) * 4);
-    qlora_rms_norm_backward(dy, x, w, rstd, rows, d, out.add<uint16_t>("dx:bf16", size_t(rows * d) * 2), 1);
-  } else if (op == "swiglu_forward") {
-    const int64_t n = a.i();
-    const uint16_t* g = a.need<uint16_t>(size_t(n) * 2);
-    const uint16_t* u = a.need<uint16_t>(size_t(n) * 2);
-    qlora_swiglu_forward(g, u, out.add<uint16_t>("h:bf16", size_t(n) * 2), n, 1);
+    uint8_t* dx = out.add<uint8_t>(dt == 0 ? "dx:f32" : "dx:bf16", size_t(rows * d * es));
+    qlora_rms_norm_backward(dy, x, w, rstd, rows, d, dx, int(dt), 1);
+  } else if (op == "swiglu_forward") {  // ints: n, dtype
+    const int64_t n = a.i(), dt = a.i(), es = dt == 0 ? 4 : 2;
+    const uint8_t* g = a.need<uint8_t>(size_t(n * es));
+    const uint8_t* u = a.need<uint8_t>(size_t(n * es));
+    qlora_swiglu_forward(g, u, out.add<uint8_t>(dt == 0 ? "h:f32" : "h:bf16", size_t(n * es)), n, int(dt), 1);
   } else if (op == "swiglu_backward") {
-    const int64_t n = a.i();
-    const uint16_t* dh = a.need<uint16_t>(size_t(n) * 2);
-    const uint16_t* g = a.need<uint16_t>(size_t(n) * 2);
-    const uint16_t* u = a.need<uint16_t>(size_t(n) * 2);
-    uint16_t* dg = out.add<uint16_t>("dg:bf16", size_t(n) * 2);
-    uint16_t* du = out.add<uint16_t>("du:bf16", size_t(n) * 2);
-    qlora_swiglu_backward(dh, g, u, dg, du, n, 1);
+    const int64_t n = a.i(), dt = a.i(), es = dt == 0 ? 4 : 2;
+    const uint8_t* dh = a.need<uint8_t>(size_t(n * es));
+    const uint8_t* g = a.need<uint8_t>(size_t(n * es));
+    const uint8_t* u = a.need<uint8_t>(size_t(n * es));
+    uint8_t* dg = out.add<uint8_t>(dt == 0 ? "dg:f32" : "dg:bf16", size_t(n * es));
+    uint8_t* du = out.add<uint8_t>(dt == 0 ? "du:f32" : "du:bf16", size_t(n * es));
+    qlora_swiglu_backward(dh, g, u, dg, du, n, int(dt), 1);
   } else if (op == "cross_entropy_rows") {
     const int64_t rows = a.i(), v = a.i(), grad = a.i();
     const uint16_t* z = a.need<uint16_t>(size_t(rows * v) * 2);

@@ -174,15 +174,16 @@ def test_exp(simd, portable, n):
 # ---- training ops -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,d", [(201, 576), (5, 100), (7, 7), (3, 16), (4, 33), (2, 1)])
-def test_rms_norm(simd, portable, rows, d):
+def test_rms_norm(simd, portable, rows, d, dtype):
     g = _gen(rows * d)
-    x = (torch.randn(rows, d, generator=g) * 3).bfloat16()
-    x[0, : min(d, 3)] = torch.tensor([1e-39, -2e-39, 3e-40])[: min(d, 3)].bfloat16()  # subnormal bf16
+    x = (torch.randn(rows, d, generator=g) * 3).to(dtype)
+    x[0, : min(d, 3)] = torch.tensor([1e-39, -2e-39, 3e-40])[: min(d, 3)].to(dtype)  # subnormals
     if rows > 2:
         x[1] *= 1e30  # a row whose squares overflow: rstd 0
-    w = (torch.rand(d, generator=g) + 0.5).bfloat16()
-    dy = torch.randn(rows, d, generator=g).bfloat16()
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    dy = torch.randn(rows, d, generator=g).to(dtype)
     (y1, r1), (y2, r2) = (b.train.rms_norm_forward(x, w, 1e-5) for b in (simd, portable))
     same(y1, y2, f"rms_norm y {rows}x{d}")
     same(r1, r2, f"rms_norm rstd {rows}x{d}")
@@ -190,12 +191,13 @@ def test_rms_norm(simd, portable, rows, d):
          f"rms_norm dx {rows}x{d}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [5000, 17, 1, 53, 16, (1 << 14) + 7])
-def test_swiglu(simd, portable, n):
+def test_swiglu(simd, portable, n, dtype):
     g = _gen(n)
-    gate = (torch.randn(n, generator=g) * 4).bfloat16()
-    gate[: min(n, 6)] = torch.tensor([0.0, -90.0, 90.0, -0.0, 1e-39, 200.0])[: min(n, 6)].bfloat16()
-    up, dh = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    gate = (torch.randn(n, generator=g) * 4).to(dtype)
+    gate[: min(n, 6)] = torch.tensor([0.0, -90.0, 90.0, -0.0, 1e-39, 200.0])[: min(n, 6)].to(dtype)
+    up, dh = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
     if n > 40:
         _specials(up, g, 3), _specials(gate, g, 3)
     same(simd.train.swiglu_forward(gate, up), portable.train.swiglu_forward(gate, up), f"swiglu h n={n}")

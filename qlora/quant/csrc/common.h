@@ -27,6 +27,11 @@
 #define QLORA_GEMV_BF16 1  // decode's bf16 dot products (vdpbf16ps)
 #endif
 
+// The training ops (fused_cpu.cpp, train_cpu.cpp) use threads from this many elements up: torch's own
+// elementwise grain is 32k, and they run between torch ops that use all threads anyway (unlike
+// quant.h's layer-sized calls).
+constexpr int64_t kElementwiseParallelMin = int64_t(1) << 16;
+
 // exp(x) = 2^n · p(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, the first exact in
 // 16 bits so n · hi is exact), p the degree-6 Taylor polynomial (|r| <= ln 2 / 2: ~1 ulp). x is
 // clamped first: below -104 the result is 0, above 89 it is inf, in every version.
