@@ -284,6 +284,15 @@ def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
     return norms + _attention_bytes(arch, s) + mlp + lora, fixed
 
 
+def _scratch(arch: Arch, s: Settings, specs: list[LinearSpec]) -> int:
+    """The 4-bit LoRA layers' kept scratch buffers (nn.linear4bit.scratch): the dropped input of the
+    widest adapted layer, and (fused MLP with an adapted down projection) SwiGLU's product."""
+    tokens = s.batch_size * s.seq_len
+    dropped = max(x.in_features for x in specs) if specs and s.lora_dropout > 0 else 0
+    gated = arch.intermediate if _fused(arch) and any(x.name.endswith("down_proj") for x in specs) else 0
+    return (dropped + gated) * tokens * s.c
+
+
 def _fused(arch: Arch) -> bool:
     return arch.model_type in FUSED_MODEL_TYPES and not arch.gpt2_style and not arch.gemma_norm
 
@@ -353,7 +362,7 @@ def estimate(model_config: dict, **settings) -> Breakdown:
         activations=with_ckpt if s.gradient_checkpointing else without,
         activations_without_checkpointing=without, activations_with_checkpointing=with_ckpt,
         logits=_loss_bytes(arch, s),
-        dequant_workspace=0 if s.quant_type == "bf16" else DEQUANT_COPIES * s.c * largest,
+        dequant_workspace=0 if s.quant_type == "bf16" else DEQUANT_COPIES * s.c * largest + _scratch(arch, s, specs),
         framework_overhead=overhead,
         load_peak=_load_peak(arch, s, codes + scales + w16, overhead, model_config.get("_format")),
         weights_4bit_codes=codes, weights_4bit_scales=scales, n_params=arch.n_params(),

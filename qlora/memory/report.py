@@ -46,7 +46,8 @@ def _rows(b) -> list[tuple[str, int, str]]:
         ("loss logits", b.logits, f"{s['batch_size']} x {s['target_tokens'] or s['seq_len']} targets x vocab, fp32"),
     ]
     if quant:
-        rows.append(("dequantized weight", b.dequant_workspace, f"largest linear in {s['compute_dtype']}, x2"))
+        rows.append(("dequantized weight", b.dequant_workspace,
+                     f"largest linear in {s['compute_dtype']}, x2; LoRA dropout and SwiGLU buffers"))
     rows.append(("framework overhead", b.framework_overhead, f"python + torch + transformers ({s['device']})"))
     return rows
 

@@ -43,14 +43,16 @@ def keep_mask(n: int, seed: int, p: float, device=None) -> torch.Tensor:
     return h >= threshold(p)
 
 
-def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """where(keep_mask, x · 1/(1-p), 0), same shape and dtype as x."""
+def apply(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """where(keep_mask, x · 1/(1-p), 0), same shape and dtype as x; into `out` if given (contiguous,
+    x's shape and dtype; x itself for in place)."""
     scale = 1.0 / (1.0 - p)
     k = _kernel(x)
     if k is not None:
-        return k.train.dropout(x.contiguous(), threshold(p), scale, seed)
+        return k.train.dropout(x.contiguous(), threshold(p), scale, seed, out)
     keep = keep_mask(x.numel(), seed, p, x.device).view(x.shape)
-    return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+    y = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+    return y if out is None else out.copy_(y)
 
 
 def _kernel(x: torch.Tensor):

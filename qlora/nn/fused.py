@@ -70,10 +70,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
-def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u for contiguous g, u (no autograd)."""
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(g) * u for contiguous g, u (no autograd), into `out` if given (contiguous, like g)."""
     k = _kernels(g, u)
-    return k.train.swiglu_forward(g, u) if k is not None else F.silu(g) * u
+    if k is not None:
+        return k.train.swiglu_forward(g, u, out)
+    return torch.mul(F.silu(g), u, out=out) if out is not None else F.silu(g) * u
 
 
 def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ so no dequantized copy stays alive between forward and backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,9 +19,11 @@ from .. import quant
 from ..quant import QuantizedTensor, kernels
 from ..quant.spec import DEFAULT
 
-# One scratch buffer per (dtype, device), sized to the largest weight seen: every layer dequantizes
-# into it right before its matmul. Safe because nothing keeps the dequantized weight (the autograd
-# function saves no tensor), and it saves an allocation and its page faults per matmul.
+# Scratch buffers per (use, dtype, device), each sized to the largest request seen: every layer
+# dequantizes into the "weight" one right before its matmul (and qlora.nn.lora puts its transient
+# dropout and SwiGLU outputs in others). Safe because nothing keeps what is written there (the
+# autograd functions save no such tensor), and it saves an allocation and its page faults per call:
+# with fp32 compute most of these exceed the fixed 1 MiB mmap threshold (qlora/memory/allocator.py).
 _SCRATCH: dict = {}
 # QuantizedTensor fields held as Parameters (see Linear4bit.weight)
 _QFIELDS = ("data", "absmax", "code", "offset", "nested_absmax", "nested_code")
@@ -30,11 +34,12 @@ _QFIELDS = ("data", "absmax", "code", "offset", "nested_absmax", "nested_code")
 DECODE_ROWS = 8
 
 
-def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    n = shape.numel()
-    buf = _SCRATCH.get((dtype, device))
+def scratch(shape, dtype: torch.dtype, device: torch.device, use: str = "weight") -> torch.Tensor:
+    """A transient tensor of `shape` in the buffer for `use`: valid until the next request for `use`."""
+    n = math.prod(shape)
+    buf = _SCRATCH.get((use, dtype, device))
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        buf = _SCRATCH[(use, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
@@ -99,7 +104,7 @@ class Linear4bit(nn.Module):
     def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in the shared scratch buffer: valid until the next layer's call."""
         q = self.weight
-        out = _scratch(q.shape, dtype, q.data.device)
+        out = scratch(q.shape, dtype, q.data.device)
         return kernels.dequantize_4bit_into(out, q.data, q.absmax, q.code, q.blocksize, q.nested)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from . import dora as dora_fn
 from . import dropout as seeded
 from . import fused
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, scratch
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -124,9 +124,16 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, dora={self.dora}"
 
 
+def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """dropout(x2) in a scratch buffer (consumed by the next matmul), or x2 itself when p = 0."""
+    if p == 0:
+        return x2
+    return seeded.apply(x2, p, seed, out=scratch(x2.shape, x2.dtype, x2.device, "dropout"))
+
+
 def _lora4bit_forward(x2, a, b, layer: Linear4bit, scaling: float, p: float, seed: int):
     """(y, xa) for x2 (T, in): y = x2·Wᵀ + bias + s·(drop(x2)·Aᵀ)·Bᵀ, xa = drop(x2)·Aᵀ."""
-    xa = (seeded.apply(x2, p, seed) if p > 0 else x2) @ a.t()  # (T, r)
+    xa = _dropped(x2, p, seed) @ a.t()  # (T, r)
     w = layer.transient_weight(x2.dtype)  # (out, in)
     y = torch.mm(x2, w.t()) if layer.bias is None else torch.addmm(layer.bias, x2, w.t())
     return y.addmm_(xa, b.t(), alpha=scaling), xa
@@ -136,11 +143,11 @@ def _lora4bit_backward(g, x2, xa, a, b, layer: Linear4bit, s: float, p: float, s
     """(dL/dx2, dL/dA, dL/dB) from g = dL/dy (T, out); `need`: which of the three to form."""
     gxa = torch.mm(g, b) * s  # (T, r): dL/d(xa)
     grad_b = torch.mm(g.t(), xa).mul_(s) if need[2] else None  # (out, r)
-    grad_a = torch.mm(gxa.t(), seeded.apply(x2, p, seed) if p > 0 else x2) if need[1] else None
+    grad_a = torch.mm(gxa.t(), _dropped(x2, p, seed)) if need[1] else None
     grad_x = None
     if need[0]:
         lora_gx = torch.mm(gxa, a)  # (T, in), through the dropout mask
-        lora_gx = seeded.apply(lora_gx, p, seed) if p > 0 else lora_gx
+        lora_gx = seeded.apply(lora_gx, p, seed, out=lora_gx) if p > 0 else lora_gx  # a fresh product: in place
         grad_x = torch.addmm(lora_gx, g, layer.transient_weight(g.dtype))
     return grad_x, grad_a, grad_b
 
@@ -180,7 +187,8 @@ class _GatedLoRA4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
-        h = fused.swiglu_forward(gate.contiguous(), up.contiguous())
+        g, u = gate.contiguous(), up.contiguous()
+        h = fused.swiglu_forward(g, u, out=scratch(g.shape, g.dtype, g.device, "swiglu"))  # used here only
         h2 = h.view(-1, h.shape[-1])
         y, xa = _lora4bit_forward(h2, lora_a.to(h.dtype), lora_b.to(h.dtype), layer, scaling, p, seed)
         ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
@@ -191,7 +199,7 @@ class _GatedLoRA4bit(torch.autograd.Function):
     def backward(ctx, grad_y):
         gate, up, xa, lora_a, lora_b = ctx.saved_tensors
         g, u = gate.contiguous(), up.contiguous()
-        h = fused.swiglu_forward(g, u)
+        h = fused.swiglu_forward(g, u, out=scratch(g.shape, g.dtype, g.device, "swiglu"))
         need = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
         grad_h, grad_a, grad_b = _lora4bit_backward(
             grad_y.reshape(-1, grad_y.shape[-1]), h.view(-1, h.shape[-1]), xa, lora_a.to(h.dtype),

@@ -218,14 +218,14 @@ BIG_MODEL_RUN = dict(lora_r=64, batch_size=1, seq_len=64, gradient_checkpointing
 
 
 def test_bf16_lora_33b_r64_is_the_papers_21_gb():
-    """bf16 LoRA halves the LoRA weights and gradients (2 x 0.98 GB saved at 33B r=64): 21.44 GB,
+    """bf16 LoRA halves the LoRA weights and gradients (2 x 0.98 GB saved at 33B r=64): 21.45 GB,
     the paper's 21 GB for Guanaco-33B, where fp32 LoRA needs 23.4 GB."""
     b32, b16 = (estimate(config_for_size("33B"), **BIG_MODEL_RUN, lora_dtype=d) for d in ("float32", "bfloat16"))
     assert b16.n_lora_params == b32.n_lora_params == 487_587_840  # 60 layers x 64 x sum(in + out)
     assert (b32.lora_weights, b32.lora_grads) == (4 * b16.n_lora_params,) * 2
     assert (b16.lora_weights, b16.lora_grads) == (2 * b16.n_lora_params,) * 2
     assert b32.total - b16.total == 4 * b16.n_lora_params  # the 4-bit function saves no casts of A and B
-    assert (round(b32.total / 1e9, 2), round(b16.total / 1e9, 2)) == (23.39, 21.44)  # README, "Large models"
+    assert (round(b32.total / 1e9, 2), round(b16.total / 1e9, 2)) == (23.40, 21.45)  # README, "Large models"
     assert b16.total < 24 * 10**9 - 2 * 10**9  # 2.6 GB to spare on this 24 GB machine
 
 

@@ -40,8 +40,8 @@ class TrainingOps:
                                           dx.data_ptr(), _DTYPE_CODES[x.dtype], torch.get_num_threads())
         return dx
 
-    def swiglu_forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        h = torch.empty_like(g)
+    def swiglu_forward(self, g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.empty_like(g) if out is None else out
         self._lib.qlora_swiglu_forward(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), _DTYPE_CODES[g.dtype],
                                        torch.get_num_threads())
         return h
@@ -61,9 +61,11 @@ class TrainingOps:
                                            torch.get_num_threads())
         return loss
 
-    def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int) -> torch.Tensor:
-        """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py)."""
-        out = torch.empty_like(x)
+    def dropout(self, x: torch.Tensor, threshold: int, scale: float, seed: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """where(mix(i, seed) >= threshold, x * scale, 0) for contiguous fp32/bf16 x (qlora/nn/dropout.py),
+        into `out` if given (contiguous, like x; x itself works)."""
+        out = torch.empty_like(x) if out is None else out
         self._lib.qlora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], threshold, scale, seed,
                                 torch.get_num_threads())
         return out
