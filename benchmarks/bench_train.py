@@ -60,7 +60,7 @@ def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False) 
     from qlora.optim import build_optimizer
     from qlora.train import enable_gradient_checkpointing, loss_sum
 
-    return_freed_memory(dtype)  # as `qlora train` does before loading
+    return_freed_memory()  # as `qlora train` does before loading
     model, _ = hf.load(model_dir(), compute_dtype=dtype, lora=dict(r=R, alpha=ALPHA, dropout=0.05))
     if checkpointing:  # as `qlora train --gradient-checkpointing` does
         enable_gradient_checkpointing(model)

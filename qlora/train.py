@@ -66,7 +66,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     if model is None:
         from .memory import preflight, return_freed_memory
 
-        return_freed_memory(cfg.compute_dtype)  # glibc: give freed blocks back, so RSS tracks live tensors
+        return_freed_memory()  # glibc: give freed blocks back, so RSS tracks live tensors (and the estimate)
         with gguf_memo.shared():  # the estimate and the load read a GGUF file's metadata once
             preflight(cfg)  # the estimate, before any weight is read: refuses a run that will not fit (unless force)
             model, tokenizer = hf.load(
@@ -87,7 +87,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         from .memory import return_freed_memory
 
         held, whole = distributed.shard_base(model, shard)
-        return_freed_memory(cfg.compute_dtype)
+        return_freed_memory()
         print(f"shard_base: this rank holds {held / 2**20:.4g} of the decoder layers' {whole / 2**20:.4g} MiB "
               f"of frozen weights ({distributed.world_size()} ranks)")
     if cfg.objective == "sft":

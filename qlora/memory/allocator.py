@@ -11,7 +11,7 @@ system time per step: 170 tokens/s and 1570 MB peak RSS, against 234 tokens/s an
 glibc's dynamic threshold. At 1 / 4 / 16 MiB fixed: 269 / 251 / 277 tokens/s, 1850 / 1873 / 1868 MB,
 90k / 35k / 38k faults per step.
 
-1 MiB, not 4: with fp32 compute (`auto` on CPUs without native bf16) tensors are twice as big, and
+For a while it was 1 MiB with fp32 compute (`auto` on CPUs without native bf16): tensors are twice as big, and
 at SmolLM2's sizes most fell between 1 and 4 MiB (batch 2 x 256: 1.2 MB per hidden state, 3.1 MB
 per MLP half; 1.3-3.5 MB per fp32 weight while a GGUF loads), so on the heap. glibc kept the freed
 space without reusing it: after loading 283-296 MiB of the heap was free, at the second step's peak
@@ -19,10 +19,13 @@ space without reusing it: after loading 283-296 MiB of the heap was free, at the
 loading, 42-66 MiB at the peak, 1339-1400 MiB peak RSS, for 0.3-0.5 s more system time (1.0M instead
 of 0.05-0.2M minor faults) per fp32 step of 41-56 s CPU time here.
 
-So the threshold follows the compute dtype's element size: 4 MiB for 16-bit compute, 1 MiB for
-fp32. With 1 MiB for bf16 too (AVX-512 + BF16 EPYC, `bench_train.py --only qlora`, batch 4 x 256):
-240 tokens/s, 1280 MB peak RSS, 5.3M minor faults and 13 s system time in the run; at 4 MiB
-289 tokens/s, 1463 MB, 0.7M faults, 2.3 s: the speed is worth more there than 180 MB.
+That fragmentation came from the fp32 temporaries of RMSNorm and SwiGLU as torch ops and from
+fresh dropout/SwiGLU outputs per layer. With fp32 kernels for both (quant/csrc/fused_cpu.cpp) and
+those outputs in scratch buffers (nn.linear4bit.scratch), 4 MiB holds again for fp32 too (Zen 4,
+AVX2 build with torch capped to AVX2, SmolLM2 fp32): batch 2 x 256 peak RSS 1513 MiB against an
+estimate of 1486 (1383 at 1 MiB); batch 4 x 256 (bench_train.py) 185 tokens/s and 2087 MB at 4 MiB
+against 150 tokens/s and 1841 MB at 1 MiB (5.8M page faults and 16 s system time in the run, 1.5M
+and 5 s at 4 MiB). With 1 MiB for bf16 on AVX-512: 240 tokens/s, 1280 MB; at 4 MiB 289, 1463 MB.
 """
 
 from __future__ import annotations
@@ -32,8 +35,7 @@ import ctypes.util
 import functools
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-# fixed, by the compute dtype's bytes per element (see the module docstring for the measurements)
-MMAP_THRESHOLDS = {2: 4 * 2**20, 4: 2**20}
+MMAP_THRESHOLD = 4 * 2**20  # fixed (see the module docstring for the measurements behind it)
 
 
 @functools.cache
@@ -45,17 +47,9 @@ def _libc():
         return None
 
 
-def mmap_threshold(compute_dtype: str) -> int:
-    """The fixed threshold for a run computing in `compute_dtype` (a concrete name: 'bfloat16', ...)."""
-    from ..precision import torch_dtype
-
-    return MMAP_THRESHOLDS[4 if torch_dtype(compute_dtype).itemsize >= 4 else 2]
-
-
-def return_freed_memory(compute_dtype: str = "bfloat16") -> bool:
-    """Fix glibc's mmap threshold for `compute_dtype` (see module docstring). False where there is
-    no glibc (macOS, musl) and nothing changed. Call at startup, before the first large tensor."""
-    threshold = mmap_threshold(compute_dtype)
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (see module docstring). False where there is no glibc (macOS,
+    musl) and nothing changed. Call once at startup, before the first large tensor."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False

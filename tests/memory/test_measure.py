@@ -81,11 +81,3 @@ def test_estimate_within_25_percent_for_the_default_model(tmp_path):
 
 def test_return_freed_memory_is_harmless():
     assert return_freed_memory() in (True, False)
-    assert return_freed_memory("float32") in (True, False)
-
-
-@pytest.mark.parametrize("dtype, mib", [("bfloat16", 4), ("bf16", 4), ("float16", 4), ("float32", 1), ("fp32", 1)])
-def test_mmap_threshold_follows_the_compute_dtype(dtype, mib):
-    from qlora.memory.allocator import mmap_threshold
-
-    assert mmap_threshold(dtype) == mib * 2**20
