@@ -11,8 +11,8 @@ system time per step: 170 tokens/s and 1570 MB peak RSS, against 234 tokens/s an
 glibc's dynamic threshold. At 1 / 4 / 16 MiB fixed: 269 / 251 / 277 tokens/s, 1850 / 1873 / 1868 MB,
 90k / 35k / 38k faults per step.
 
-For a while it was 1 MiB with fp32 compute (`auto` on CPUs without native bf16): tensors are twice as big, and
-at SmolLM2's sizes most fell between 1 and 4 MiB (batch 2 x 256: 1.2 MB per hidden state, 3.1 MB
+For a while it was 1 MiB with fp32 compute (`auto` on CPUs without native bf16): tensors are twice
+as big, and at SmolLM2's sizes most fell between 1 and 4 MiB (batch 2 x 256: 1.2 MB per hidden state, 3.1 MB
 per MLP half; 1.3-3.5 MB per fp32 weight while a GGUF loads), so on the heap. glibc kept the freed
 space without reusing it: after loading 283-296 MiB of the heap was free, at the second step's peak
 470-580 MiB, and peak RSS reached 1725-1991 MiB (estimate 1516). At 1 MiB: 2-24 MiB free after

@@ -5,8 +5,8 @@ and LlamaMLP's silu(gate) * up keeps silu(gate) beside gate and up. On SmolLM2-1
 those took ~9% of a training step and 225 MB of the 718 MB autograd saved. Here each is one
 function: forward keeps only its bf16 inputs (and one fp32 rstd per row), backward recomputes the
 rest. On CPU in bf16 or fp32 both directions are one compiled pass (quant/csrc/fused_cpu.cpp); in
-fp32 (the compute dtype of CPUs without native bf16) that replaced ~1 s of torch ops in a ~10 s
-SmolLM2 step on AVX2 (2.2 s). Elsewhere the same maths runs as torch ops. Forward is transformers'
+fp32 (the compute dtype of CPUs without native bf16) they took a SmolLM2 step on AVX2 from 9.5 to
+7.3 s. Elsewhere the same maths runs as torch ops. Forward is transformers'
 computation, rounding for rounding; results can differ from it by one bf16 rounding (sum order,
 exp), in fp32 by a few ulps; tested in tests/nn/test_fused.py.
 

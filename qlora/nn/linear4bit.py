@@ -23,7 +23,7 @@ from ..quant.spec import DEFAULT
 # dequantizes into the "weight" one right before its matmul (and qlora.nn.lora puts its transient
 # dropout and SwiGLU outputs in others). Safe because nothing keeps what is written there (the
 # autograd functions save no such tensor), and it saves an allocation and its page faults per call:
-# with fp32 compute most of these exceed the fixed 1 MiB mmap threshold (qlora/memory/allocator.py).
+# tensors above glibc's fixed mmap threshold (qlora/memory/allocator.py) each get fresh pages.
 _SCRATCH: dict = {}
 # QuantizedTensor fields held as Parameters (see Linear4bit.weight)
 _QFIELDS = ("data", "absmax", "code", "offset", "nested_absmax", "nested_code")

@@ -211,8 +211,8 @@ void swiglu_backward_range_512(const uint16_t* dh, const uint16_t* g, const uint
 // ---- one row / one range, by element type ----------------------------------------------------------
 
 // element i of a D-typed array
-template <class T> inline T* at(T* p, int64_t i, int D) {
-  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(i) * (D == 0 ? 4 : 2));
+template <int D, class T> inline T* at(T* p, int64_t i) {
+  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(i) * v16::kElemBytes<D>);
 }
 
 template <int D> void norm_forward_row(const void* x, const void* w, int64_t d, float eps, void* y, float* rstd) {
@@ -264,14 +264,14 @@ void swiglu_backward_range(const void* dh, const void* g, const void* u, void* d
 template <int D> void norm_forward(const void* x, const void* w, int64_t rows, int64_t d, float eps, void* y,
                                    float* rstd, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * d >= kElementwiseParallelMin && nthreads > 1)
-  for (int64_t r = 0; r < rows; ++r) norm_forward_row<D>(at(x, r * d, D), w, d, eps, at(y, r * d, D), rstd + r);
+  for (int64_t r = 0; r < rows; ++r) norm_forward_row<D>(at<D>(x, r * d), w, d, eps, at<D>(y, r * d), rstd + r);
 }
 
 template <int D> void norm_backward(const void* dy, const void* x, const void* w, const float* rstd, int64_t rows,
                                     int64_t d, void* dx, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * d >= kElementwiseParallelMin && nthreads > 1)
   for (int64_t r = 0; r < rows; ++r)
-    norm_backward_row<D>(at(dy, r * d, D), at(x, r * d, D), w, rstd[r], d, at(dx, r * d, D));
+    norm_backward_row<D>(at<D>(dy, r * d), at<D>(x, r * d), w, rstd[r], d, at<D>(dx, r * d));
 }
 
 template <int D> void swiglu_forward(const void* g, const void* u, void* h, int64_t n, int nthreads) {
