@@ -7,10 +7,11 @@ bitsandbytes, runs in both fp32 and bf16 (its compute dtype is the user's choice
 are taken against its faster row: each contender at its fastest setting on this machine. Each
 contender runs in its own subprocess (peak RSS is per process). The roofline is measured in the
 same run: torch's matmul GFLOP/s in qlora's compute dtype on the model's own shapes, divided into
-the step's FLOPs per token. Last, qlora again with gradient checkpointing on.
+the step's FLOPs per token. Last, qlora again with gradient checkpointing on, and, when it computes
+in fp32, with its saved activations kept in bf16 (`--saved-activations bfloat16`).
 
     python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--compute-dtype auto|bfloat16|float32]
-                                     [--only qlora|qlora_gc|peft_fp32|peft_bf16|roofline]
+                                     [--only qlora|qlora_gc|qlora_kept|peft_fp32|peft_bf16|roofline]
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def batch_ids(vocab: int):
     return torch.randint(10, vocab - 10, (BATCH, SEQ), generator=g)
 
 
-def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False) -> dict:
+def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False, kept_bf16: bool = False) -> dict:
     import torch
 
     from qlora import hf
     from qlora.memory import return_freed_memory
+    from qlora.nn import fused
     from qlora.optim import build_optimizer
     from qlora.train import enable_gradient_checkpointing, loss_sum
 
@@ -64,6 +66,8 @@ def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False) 
     model, _ = hf.load(model_dir(), compute_dtype=dtype, lora=dict(r=R, alpha=ALPHA, dropout=0.05))
     if checkpointing:  # as `qlora train --gradient-checkpointing` does
         enable_gradient_checkpointing(model)
+    if kept_bf16:  # as `qlora train --saved-activations bfloat16` does
+        fused.keep_saved_in(model, torch.bfloat16)
     model.train()
     ids = batch_ids(model.config.vocab_size)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -159,11 +163,12 @@ def run(name: str, steps: int, warmup: int, dtype: str) -> dict:
         return roofline(dtype)
     if name.startswith("peft_"):
         return run_peft(steps, warmup, {"peft_fp32": "float32", "peft_bf16": "bfloat16"}[name])
-    return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc")
+    return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc", kept_bf16=name == "qlora_kept")
 
 
 LABELS = {"qlora": "qlora", "peft_fp32": "peft + bnb, fp32", "peft_bf16": "peft + bnb, bf16",
-          "qlora_gc": "qlora, grad ckpt"}
+          "qlora_gc": "qlora, grad ckpt", "qlora_kept": "qlora, bf16 kept"}
+ROWS = ("qlora", "peft_fp32", "peft_bf16", "qlora_gc", "qlora_kept")
 
 
 def main() -> None:
@@ -175,7 +180,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compute-dtype", default="auto", choices=CHOICES, help="qlora's compute dtype (default: auto)")
-    ap.add_argument("--only", choices=["qlora", "qlora_gc", "peft_fp32", "peft_bf16", "roofline"])
+    ap.add_argument("--only", choices=[*ROWS, "roofline"])
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     dtype = resolve(a.compute_dtype, "cpu", announce=False)
@@ -185,7 +190,9 @@ def main() -> None:
     print(header(a.compute_dtype))
     model_dir()
     results = {}
-    for name in ("roofline", "qlora", "peft_fp32", "peft_bf16", "qlora_gc"):
+    for name in ("roofline", *ROWS):
+        if name == "qlora_kept" and dtype != "float32":
+            continue  # bf16 compute keeps bf16 activations already
         r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup",
                             str(a.warmup),
                             "--compute-dtype", dtype], capture_output=True, text=True)
@@ -204,17 +211,20 @@ def report(results: dict, dtype: str) -> None:
         print(f"{dtype} matmul on the model's shapes: {roof['matmul_gflops']:.0f} GFLOP/s; step cost "
               f"{roof['mflop_per_token']:.0f} MFLOP/token -> roofline {roof['roofline_tokens_per_s']:.0f} tokens/s")
     print(f"{'':20}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}")
-    for name in ("qlora", "peft_fp32", "peft_bf16", "qlora_gc"):
+    for name in ROWS:
         if name in results:
             r = results[name]
             print(f"{LABELS[name]:20}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}")
     peers = [n for n in ("peft_fp32", "peft_bf16") if n in results]
     if "qlora" in results and peers:
         best = max(peers, key=lambda n: results[n]["tokens_per_s"])
-        q, p = results["qlora"], results[best]
-        print(f"qlora / peft+bnb at its fastest ({LABELS[best]}): "
-              f"throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
-              f"peak RSS {q['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
+        p = results[best]
+        for name in ("qlora", "qlora_kept"):
+            if name in results:
+                q = results[name]
+                print(f"{LABELS[name]} / peft+bnb at its fastest ({LABELS[best]}): "
+                      f"throughput {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
+                      f"peak RSS {q['peak_rss_mb'] / p['peak_rss_mb']:.2f}x")
     if "qlora" in results and "qlora_gc" in results:
         print(f"gradient checkpointing: step time {results['qlora_gc']['step_s'] / results['qlora']['step_s']:.2f}x "
               f"the step without it")

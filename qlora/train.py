@@ -21,7 +21,7 @@ from .config import TrainConfig, parse_size, to_dict
 from .data import preference
 from .errors import QloraError
 from .metrics import peak_rss_mb
-from .nn import lora_init
+from .nn import fused, lora_init
 from .nn.lora import keep_reference
 from .nn.surgery import add_lora
 from .objectives import loss_sum
@@ -81,6 +81,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                  rslora=cfg.rslora, dtype=precision.torch_dtype(cfg.lora_dtype), dora=cfg.dora)
     model.to(device)
+    if cfg.saved_activations != "compute":  # narrower copies for backward (nn.fused.keep_saved_in)
+        fused.keep_saved_in(model, precision.torch_dtype(cfg.saved_activations))
     if cfg.reference_adapter:
         keep_reference(model)  # after the move: the copies live where the factors do
     if cfg.shard_base:  # FSDP2: each rank keeps 1/N of every decoder layer's frozen weights

@@ -10,7 +10,8 @@ from ..precision import spelled
 
 # flag -> TrainConfig field whose default and help text it shares (one copy of each)
 _SHARED = ("quant_type", "double_quant", "blocksize", "quantize_head", "compute_dtype", "lora_r", "lora_targets",
-           "lora_dropout", "lora_dtype", "batch_size", "gradient_checkpointing", "optimizer", "optimizer_memory_budget")
+           "lora_dropout", "lora_dtype", "batch_size", "gradient_checkpointing", "saved_activations", "optimizer",
+           "optimizer_memory_budget")
 
 
 def register(sub) -> None:
@@ -66,7 +67,7 @@ def run(args) -> int:
         lora_targets=args.lora_targets, lora_dropout=args.lora_dropout, lora_dtype=args.lora_dtype,
         batch_size=args.batch_size,
         seq_len=args.seq_len, target_tokens=args.target_tokens, gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer, device=args.device, shards=args.shards,
+        saved_activations=args.saved_activations, optimizer=args.optimizer, device=args.device, shards=args.shards,
         optimizer_memory_budget=parse_size(opt_budget, "--optimizer-memory-budget") if opt_budget else None,
     )
     b = estimate(cfg, **settings)

@@ -69,6 +69,7 @@ class Settings:
     seq_len: int = 512
     target_tokens: int | None = None  # per sequence; None = every position is a target
     gradient_checkpointing: bool = False
+    saved_activations: str = "compute"  # or bfloat16: nn.fused.keep_saved_in (norm inputs, gate and up)
     optimizer: str = "paged_adamw"
     optimizer_memory_budget: int | None = None
     compute_dtype: str = "bfloat16"  # or "auto": what training picks on this machine
@@ -84,6 +85,7 @@ class Settings:
                     lora_dtype=canonical(self.lora_dtype))
         choices = {"quant_type": (*QUANT_TYPES, "bf16"), "lora_targets": ("all", "attention"), "optimizer": OPTIMIZERS,
                    "compute_dtype": tuple(BYTES), "lora_dtype": tuple(BYTES), "attention": ATTENTION,
+                   "saved_activations": ("compute", "bfloat16"),
                    "device": ("cpu", "cuda")}
         for key, allowed in choices.items():
             if getattr(s, key) not in allowed:
@@ -101,6 +103,10 @@ class Settings:
     @property
     def c(self) -> int:  # bytes per element of the compute dtype
         return BYTES[self.compute_dtype]
+
+    @property
+    def kept(self) -> int:  # bytes per element of what the fused norms and MLP keep for backward
+        return min(self.c, BYTES[self.saved_activations]) if self.saved_activations != "compute" else self.c
 
     @property
     def targets_per_seq(self) -> int:
@@ -269,10 +275,11 @@ def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
         norms = 2 * (c * h + 2 * c)
         mlp = 4 * c * i + (2 * c * h if arch.dropout > 0 else 0)  # + residual dropout noise
     elif _fused(arch):  # nn.fused: RMSNorm keeps its input + an fp32 rstd; SwiGLU keeps gate and up
-        norms = arch.norms_per_layer * (c * h + 4)
+        k = s.kept  # saved_activations
+        norms = arch.norms_per_layer * (k * h + 4)
         if arch.qk_norm:
-            norms += (arch.heads + arch.kv_heads) * (c * arch.head_dim + 4)
-        mlp = 2 * c * i
+            norms += (arch.heads + arch.kv_heads) * (k * arch.head_dim + 4)
+        mlp = 2 * k * i
     else:  # RMSNorm saves an fp32 copy of its input + fp32 rsqrt; gated MLP: gate, act(gate), up
         norms = arch.norms_per_layer * (4 * h + 4)
         if arch.qk_norm:
@@ -304,7 +311,7 @@ def _activations(arch: Arch, s: Settings) -> tuple[int, int]:
     tokens = s.batch_size * s.seq_len
     per_token, fixed = layer_activation_bytes(arch, s)
     layer = per_token * tokens + fixed
-    final_norm = ((s.c if _fused(arch) else 4) * arch.hidden + 4) * tokens
+    final_norm = ((s.kept if _fused(arch) else 4) * arch.hidden + 4) * tokens
     without = arch.layers * layer + final_norm
     flash = s.attention == "sdpa" and not (arch.gpt2_style and arch.dropout > 0 and s.device == "cpu")
     kept = s.c * arch.hidden + ((s.c * arch.head_dim + 4) * arch.heads if flash else 0)

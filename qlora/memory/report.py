@@ -42,7 +42,8 @@ def _rows(b) -> list[tuple[str, int, str]]:
         ("LoRA gradients", b.lora_grads, s["lora_dtype"]),
         ("optimizer state", b.optimizer_states, s["optimizer"] + (" (resident part)" if b.optimizer_paged_out else "")),
         ("activations", b.activations, f"{tokens}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-         f" ({other_mode}: {human(other)})"),
+         f" ({other_mode}: {human(other)})"
+         + (f", kept in {s['saved_activations']}" if s.get("saved_activations", "compute") != "compute" else "")),
         ("loss logits", b.logits, f"{s['batch_size']} x {s['target_tokens'] or s['seq_len']} targets x vocab, fp32"),
     ]
     if quant:

@@ -85,16 +85,18 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight.to(x.dtype)  # gradients flow back in the parameters' dtype
         return y + F.linear(F.linear(seeded.dropout(x, p), a), b) * self.scaling
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor,
+                      saved_dtype: torch.dtype | None = None) -> torch.Tensor:
         """self(silu(gate) * up): over a 4-bit base in training, one function that does not keep the
-        product (_GatedLoRA4bit); the same results either way."""
+        product (_GatedLoRA4bit); the same results either way. Backward reads gate and up as
+        fused.kept(·, saved_dtype)."""
         base = self.base
         if isinstance(base, Linear4bit) and not self.disabled and gate.dtype == up.dtype == base.compute_dtype \
                 and gate.shape == up.shape and torch.is_grad_enabled() and not self.dora:
             p = self.dropout if self.training else 0.0
             return _GatedLoRA4bit.apply(gate, up, self.lora_A.weight, self.lora_B.weight, base, self.scaling, p,
-                                        seeded.draw_seed() if p > 0 else 0)
-        return self(fused.swiglu(gate, up))
+                                        seeded.draw_seed() if p > 0 else 0, saved_dtype)
+        return self(fused.swiglu(gate, up, saved_dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, shape (out, in)."""
@@ -186,19 +188,20 @@ class _GatedLoRA4bit(torch.autograd.Function):
     down_proj(swiglu(gate, up))."""
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
+    def forward(ctx, gate, up, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int,
+                saved_dtype: torch.dtype | None):
         g, u = gate.contiguous(), up.contiguous()
         h = fused.swiglu_forward(g, u, out=scratch(g.shape, g.dtype, g.device, "swiglu"))  # used here only
         h2 = h.view(-1, h.shape[-1])
         y, xa = _lora4bit_forward(h2, lora_a.to(h.dtype), lora_b.to(h.dtype), layer, scaling, p, seed)
-        ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
-        ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
+        ctx.save_for_backward(fused.kept(g, saved_dtype), fused.kept(u, saved_dtype), xa, lora_a, lora_b)
+        ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.dtype = layer, scaling, p, seed, g.dtype
         return y.view(*h.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         gate, up, xa, lora_a, lora_b = ctx.saved_tensors
-        g, u = gate.contiguous(), up.contiguous()
+        g, u = gate.to(ctx.dtype).contiguous(), up.to(ctx.dtype).contiguous()
         h = fused.swiglu_forward(g, u, out=scratch(g.shape, g.dtype, g.device, "swiglu"))
         need = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
         grad_h, grad_a, grad_b = _lora4bit_backward(
@@ -208,7 +211,7 @@ class _GatedLoRA4bit(torch.autograd.Function):
         if grad_h is not None:
             grad_gate, grad_up = fused.swiglu_backward(grad_h.view(h.shape), g, u)
         return (grad_gate, grad_up, None if grad_a is None else grad_a.to(lora_a.dtype),
-                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None)
 
 
 @contextlib.contextmanager

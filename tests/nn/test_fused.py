@@ -199,3 +199,89 @@ def test_gated_lora_down_projection_equals_the_composition(dropout):
     assert type(y.grad_fn).__name__ == "_GatedLoRA4bitBackward"  # the fused path ran
     for mine, composed in zip(results[1], results[0]):
         assert torch.equal(mine, composed)
+
+
+# ---- saved_activations = bfloat16: forward as computed, backward from bf16 copies ----
+
+
+def _rounding_saved(shape: tuple) -> torch.autograd.graph.saved_tensors_hooks:
+    """Autograd keeps fp32 tensors of `shape` rounded to bf16 (and back): the default path's
+    backward then reads what keep_saved_in's modules keep."""
+    def pack(t):
+        return t.bfloat16().float() if t.dtype == torch.float32 and tuple(t.shape) == shape else t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _kept_dtypes(shape: tuple, seen: list) -> torch.autograd.graph.saved_tensors_hooks:
+    """Appends to `seen` the dtype of every tensor of `shape` autograd keeps."""
+    return torch.autograd.graph.saved_tensors_hooks(
+        lambda t: seen.append(t.dtype) or t if tuple(t.shape) == shape else t, lambda t: t)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_norm_kept_in_bf16_rounds_its_saved_input_only(reference, monkeypatch):
+    """fp32 compute: the output is the default's bit for bit, dx is the default's with the saved
+    input rounded to bf16, and the kept input is bf16."""
+    if reference:
+        monkeypatch.setattr(fused, "_kernels", lambda *t: None)
+    hf, x, dy = _norm_case(576)
+    x, dy = x.float().view(-1, 576) * 1.0009765625, dy.float().view(-1, 576)  # fp32 values off the bf16 grid
+    default, kept = fused.RMSNorm(hf.weight.float(), 1e-5), fused.RMSNorm(hf.weight.float(), 1e-5)
+    assert fused.keep_saved_in(kept, torch.bfloat16) == 1
+    seen = []
+    with _kept_dtypes(tuple(x.shape), seen):
+        y, dx = _norm_run(kept, x, dy)
+    assert seen == [torch.bfloat16]
+    y0, dx0 = _norm_run(default, x, dy)
+    with _rounding_saved(tuple(x.shape)):
+        y1, dx1 = _norm_run(default, x, dy)
+    assert torch.equal(y, y0) and torch.equal(dx, dx1)
+    assert not torch.equal(dx, dx0)  # the rounding is felt
+    torch.testing.assert_close(dx, dx0, rtol=0.02, atol=0.02 * dx0.abs().max().item())
+
+
+def test_bf16_kept_activations_leave_bf16_compute_alone():
+    hf, x, dy = _norm_case(100)
+    default, kept = fused.RMSNorm(hf.weight, 1e-5), fused.RMSNorm(hf.weight, 1e-5)
+    fused.keep_saved_in(kept, torch.bfloat16)
+    for a, b in zip(_norm_run(kept, x, dy), _norm_run(default, x, dy)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("adapted", [True, False])  # the gated 4-bit LoRA function, or swiglu then the layer
+def test_mlp_kept_in_bf16_rounds_gate_and_up_only(adapted):
+    """GatedMLP with fp32 compute: output bit for bit the default's; gradients those of the default
+    with gate and up rounded to bf16 where autograd keeps them."""
+    from qlora.nn import Linear4bit, LoRALinear
+
+    g = torch.Generator().manual_seed(3)
+
+    def linear(i, o):
+        base = Linear4bit.from_linear(torch.nn.Linear(i, o, bias=False), compute_dtype=torch.float32)
+        if not adapted:
+            return base
+        layer = LoRALinear(base, r=8, dropout=0.1)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1, generator=g)
+        return layer
+
+    mlp = fused.GatedMLP(linear(64, 96), linear(64, 96), linear(96, 64)).train()
+    x, dy = torch.randn(2, 40, 64, generator=g), torch.randn(2, 40, 64, generator=g)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+
+    def run():
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the same dropout seeds
+        y = mlp(xi)
+        return (y, *torch.autograd.grad(y, (xi, *params), dy))
+
+    default = run()
+    with _rounding_saved((2, 40, 96)):
+        rounded = run()
+    fused.keep_saved_in(mlp, torch.bfloat16)
+    seen = []
+    with _kept_dtypes((2, 40, 96), seen):
+        kept = run()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # gate and up, nothing else of that shape
+    assert all(torch.equal(a, b) for a, b in zip(kept, rounded))
+    assert torch.equal(kept[0], default[0]) and not torch.equal(kept[1], default[1])
