@@ -304,3 +304,24 @@ def test_lora_init_runs_while_the_model_loads_and_is_recorded(tiny_llama, tmp_pa
     with safe_open(str(Path(out["output_dir"]) / "adapter_model.safetensors"), framework="pt") as f:
         recorded = json.loads(f.metadata()["qlora_quant"])
     assert recorded["lora_init"] == {"method": "loftq", "r": 4, "scaling": 4.0, "iters": 2}
+
+
+def test_saved_activations_bf16_reaches_every_fused_module_and_the_estimate(tiny_llama, tmp_path):
+    """--saved-activations bfloat16 with fp32 compute: each fused norm and MLP keeps bf16 copies, the
+    run trains, and the preflight's estimate counts 2-byte saved tensors."""
+    from qlora.memory import estimate, load_model_config
+    from qlora.memory.plan import settings_for
+    from qlora.nn import fused
+
+    cfg = _cfg(tmp_path, tiny_llama, compute_dtype="float32", saved_activations="bfloat16", max_steps=2, save_steps=0)
+    run = setup(cfg)
+    kept = [m.saved_dtype for m in run.model.modules() if isinstance(m, (fused.RMSNorm, fused.GatedMLP))]
+    assert kept and set(kept) == {torch.bfloat16}
+    fit(run, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    model_cfg = load_model_config(tiny_llama)
+    kw = settings_for(cfg, "cpu")
+    assert kw["saved_activations"] == "bfloat16"
+    assert estimate(model_cfg, **kw).activations < estimate(model_cfg, **{**kw, "saved_activations": "compute"}).activations

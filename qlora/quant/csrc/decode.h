@@ -54,6 +54,8 @@ namespace qlora {
 
 // out (n, fp32) = W4·x + bias + s·B(A·x) for x (k, bf16).
 void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out);
+// decode_linear of `count` linears with the same x (and k), outputs one after another, in one hand-off.
+void decode_linears(const QloraDecodeLinear* Ls, int64_t count, const uint16_t* x, float* out);
 // out (n, fp32) = W (n, k, bf16) · x (k, bf16).
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out);
 // argmax over o of bf16(W[o] · x) (lowest index on a tie) through an int8 screen of W (decode_cpu.cpp).

@@ -102,32 +102,54 @@ void linear_rows(const QloraDecodeLinear& L, const gemv::XIn* xin, const float* 
 
 namespace qlora {
 
-// out = W4·x + bias + s·B(A·x), with A·x kept in fp32 (A and B are bf16). Split over two lanes,
-// A·x is too: each lane computes half of its r entries, they meet, then each does half the rows.
-void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) {
-  const gemv::XIn* xin = gemv::gemv4_input(x, L.k);
-  const int64_t half = (L.n / 2) / 16 * 16;
-  float* xa = nullptr;
-  if (L.lora_a) t_xa.resize(L.r), xa = t_xa.data();
-  if (L.n * L.k < kSplitMin || half == 0) {
-    if (xa) gemv::gemv16(L.lora_a, L.r, L.k, x, xa);
-    linear_rows(L, xin, xa, 0, L.n, out);
+// `count` linears reading the same x (k, bf16): out = W4·x + bias + s·B(A·x) of each, one after
+// another, with A·x kept in fp32 (A and B are bf16). Over two lanes, in one hand-off for all of them
+// (q, k and v; gate and up): each lane computes half of every A·x's r entries, they meet once, then
+// each does half the rows of every linear. Every output is one lane's sum as on one lane.
+void decode_linears(const QloraDecodeLinear* Ls, int64_t count, const uint16_t* x, float* out) {
+  constexpr int64_t kMost = 8;  // linears per hand-off
+  if (count > kMost) {
+    for (int64_t i = 0; i < count; out += Ls[i].n, ++i) decode_linears(Ls + i, 1, x, out);
     return;
   }
-  const int64_t r_half = L.r / 2;
+  const gemv::XIn* xin = gemv::gemv4_input(x, Ls[0].k);
+  int64_t rank = 0, weights = 0;
+  for (int64_t i = 0; i < count; ++i) rank += Ls[i].lora_a ? Ls[i].r : 0, weights += Ls[i].n * Ls[i].k;
+  t_xa.resize(size_t(rank));
+  float* xas[kMost];  // each linear's A·x in t_xa, or null (no LoRA)
+  float* outs[kMost];
+  for (int64_t i = 0, at = 0, o = 0; i < count; o += Ls[i].n, ++i) {
+    xas[i] = Ls[i].lora_a ? t_xa.data() + at : nullptr, outs[i] = out + o;
+    at += Ls[i].lora_a ? Ls[i].r : 0;
+  }
+  if (weights < kSplitMin) {
+    for (int64_t i = 0; i < count; ++i) {
+      if (xas[i]) gemv::gemv16(Ls[i].lora_a, Ls[i].r, Ls[i].k, x, xas[i]);
+      linear_rows(Ls[i], xin, xas[i], 0, Ls[i].n, outs[i]);
+    }
+    return;
+  }
   std::atomic<int> arrived{0};
   two_lanes([&](int lane, bool together) {
-    if (xa && together) {
-      const int64_t c0 = lane == 0 ? 0 : r_half, c1 = lane == 0 ? r_half : L.r;
-      gemv::gemv16(L.lora_a + c0 * L.k, c1 - c0, L.k, x, xa + c0);
+    for (int64_t i = 0; i < count; ++i) {  // A·x: half the ranks each, or all on lane 0
+      const QloraDecodeLinear& L = Ls[i];
+      if (!xas[i] || (!together && lane == 1)) continue;
+      const int64_t c0 = !together || lane == 0 ? 0 : L.r / 2, c1 = together && lane == 0 ? L.r / 2 : L.r;
+      gemv::gemv16(L.lora_a + c0 * L.k, c1 - c0, L.k, x, xas[i] + c0);
+    }
+    if (together && rank > 0) {
       arrived.fetch_add(1);
       wait_until([&] { return arrived.load() == 2; });
-    } else if (xa && lane == 0) {
-      gemv::gemv16(L.lora_a, L.r, L.k, x, xa);
     }
-    lane == 0 ? linear_rows(L, xin, xa, 0, half, out) : linear_rows(L, xin, xa, half, L.n, out);
+    for (int64_t i = 0; i < count; ++i) {  // rows split at a multiple of 16 (lora_b's blocks)
+      const QloraDecodeLinear& L = Ls[i];
+      const int64_t half = (L.n / 2) / 16 * 16;
+      lane == 0 ? linear_rows(L, xin, xas[i], 0, half, outs[i]) : linear_rows(L, xin, xas[i], half, L.n, outs[i]);
+    }
   });
 }
+
+void decode_linear(const QloraDecodeLinear& L, const uint16_t* x, float* out) { decode_linears(&L, 1, x, out); }
 
 void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
   split_rows(n, k, [&](int64_t o0, int64_t o1) { gemv::gemv16(w + o0 * k, o1 - o0, k, x, out + o0); });
@@ -202,10 +224,7 @@ int qlora_gemv_simd(void) {
 // `count` linears that share the input x (bf16, k): their outputs one after another in out (fp32).
 // Each needs k % bs == 0 and bs % 64 == 0 (llama_structs.py checks).
 void qlora_decode_linear(const QloraDecodeLinear* layers, int64_t count, const uint16_t* x, float* out) {
-  for (int64_t i = 0; i < count; ++i) {
-    qlora::decode_linear(layers[i], x, out);
-    out += layers[i].n;
-  }
+  qlora::decode_linears(layers, count, x, out);
 }
 
 // out (n, fp32) = W (n, k, bf16) · x (k, bf16), fp32 sums; with `round`, each rounded to bf16 as a

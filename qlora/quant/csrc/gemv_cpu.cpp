@@ -64,11 +64,22 @@ inline void gemv4_rows(const QloraDecodeLinear& L, const float* xs, const v16::C
   for (int r = 0; r < R; ++r) out[r] = v16::reduce_add(acc[r]);
 }
 
-// x (bf16, k) as fp32 in this thread's scratch, zero-padded to a multiple of 16.
-const float* widen(const uint16_t* x, int64_t k) {
+// x (bf16, k) as fp32 in this thread's scratch, zero-padded to a multiple of 16, each 16 in
+// load_bf16_eo's even/odd order (simd16.h): the bf16 operands of gemv16 and lora_b load that way.
+const float* widen_eo(const uint16_t* x, int64_t k) {
   t_x16.assign(size_t((k + 15) / 16 * 16), 0.0f);
-  for (int64_t j = 0; j < k; ++j) t_x16[j] = bf16_to_float(x[j]);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t i = j % 16;  // even elements of each 16 first, then the odd ones
+    t_x16[j - i + (i % 2 == 0 ? i / 2 : 8 + i / 2)] = bf16_to_float(x[j]);
+  }
   return t_x16.data();
+}
+
+// The first n < 16 bf16 of p, zero-padded, in even/odd lanes.
+inline v16::F16 load_bf16_eo_part(const uint16_t* p, int64_t n) {
+  alignas(32) uint16_t buf[16] = {};
+  std::copy(p, p + n, buf);
+  return v16::load_bf16_eo(buf);
 }
 
 // The whole 64-element steps of a row · x: four accumulators, a[i] takes elements 16i..16i+15 of
@@ -82,15 +93,18 @@ inline int64_t dot_steps(Load load, const float* x, int64_t k, v16::F16 a[4]) {
   return j;
 }
 
-inline float sum4(const v16::F16 a[4]) {
-  return v16::reduce_add(v16::add(v16::add(a[0], a[1]), v16::add(a[2], a[3])));
-}
+inline v16::F16 add4(const v16::F16 a[4]) { return v16::add(v16::add(a[0], a[1]), v16::add(a[2], a[3])); }
 
-float dot16(const uint16_t* w, int64_t k, const float* x) {
+// w (bf16) · x for x from widen_eo: every lane sums the elements the natural order's lane does, in
+// the same order, and from_eo restores that lane order before the reduction.
+float dot16(const uint16_t* w, int64_t k, const float* xeo) {
   v16::F16 a[4] = {v16::zero(), v16::zero(), v16::zero(), v16::zero()};
-  int64_t j = dot_steps([&](int64_t at) { return v16::load_bf16(w + at); }, x, k, a);
-  for (; j < k; j += 16) a[0] = v16::fma(v16::load_bf16_upto(w + j, k - j), v16::load(x + j), a[0]);
-  return sum4(a);
+  int64_t j = dot_steps([&](int64_t at) { return v16::load_bf16_eo(w + at); }, xeo, k, a);
+  for (; j < k; j += 16) {
+    const v16::F16 wj = k - j >= 16 ? v16::load_bf16_eo(w + j) : load_bf16_eo_part(w + j, k - j);
+    a[0] = v16::fma(wj, v16::load(xeo + j), a[0]);
+  }
+  return v16::reduce_add(v16::from_eo(add4(a)));
 }
 
 }  // namespace
@@ -115,16 +129,16 @@ void gemv4_range(const QloraDecodeLinear& L, const float* x, int64_t o0, int64_t
 }
 
 void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
-  const float* xf = widen(x, k);
+  const float* xf = widen_eo(x, k);
   for (int64_t o = 0; o < n; ++o) out[o] = dot16(w + o * k, k, xf);
 }
 
-float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen(x, k)); }
+float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen_eo(x, k)); }
 
 float gemv8_row(const int8_t* q, int64_t k, const float* x) {
   v16::F16 a[4] = {v16::zero(), v16::zero(), v16::zero(), v16::zero()};
   int64_t j = dot_steps([&](int64_t at) { return v16::load_i8(q + at); }, x, k, a);
-  float s = sum4(a);
+  float s = v16::reduce_add(add4(a));
   for (; j < k; ++j) s += float(q[j]) * x[j];
   return s;
 }
@@ -134,14 +148,14 @@ void lora_b(const uint16_t* b16, int64_t r, int64_t n, const float* xa, float* o
     const uint16_t* b = b16 + o * r;  // this block: (r, 16)
     v16::F16 a0 = v16::zero(), a1 = a0, a2 = a0, a3 = a0;
     int64_t c = 0;
-    for (; c + 4 <= r; c += 4) {
-      a0 = v16::fma(v16::load_bf16(b + c * 16), v16::set1(xa[c]), a0);
-      a1 = v16::fma(v16::load_bf16(b + c * 16 + 16), v16::set1(xa[c + 1]), a1);
-      a2 = v16::fma(v16::load_bf16(b + c * 16 + 32), v16::set1(xa[c + 2]), a2);
-      a3 = v16::fma(v16::load_bf16(b + c * 16 + 48), v16::set1(xa[c + 3]), a3);
+    for (; c + 4 <= r; c += 4) {  // outputs in even/odd lanes, back in order at the store
+      a0 = v16::fma(v16::load_bf16_eo(b + c * 16), v16::set1(xa[c]), a0);
+      a1 = v16::fma(v16::load_bf16_eo(b + c * 16 + 16), v16::set1(xa[c + 1]), a1);
+      a2 = v16::fma(v16::load_bf16_eo(b + c * 16 + 32), v16::set1(xa[c + 2]), a2);
+      a3 = v16::fma(v16::load_bf16_eo(b + c * 16 + 48), v16::set1(xa[c + 3]), a3);
     }
-    for (; c < r; ++c) a0 = v16::fma(v16::load_bf16(b + c * 16), v16::set1(xa[c]), a0);
-    v16::store_upto(out + o, v16::add(v16::add(a0, a1), v16::add(a2, a3)), n - o);
+    for (; c < r; ++c) a0 = v16::fma(v16::load_bf16_eo(b + c * 16), v16::set1(xa[c]), a0);
+    v16::store_upto(out + o, v16::from_eo(v16::add(v16::add(a0, a1), v16::add(a2, a3))), n - o);
   }
 }
 

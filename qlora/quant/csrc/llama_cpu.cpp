@@ -56,11 +56,7 @@ void layer_step(const QloraLlama& m, const QloraLlamaLayer& L, uint16_t* h, int6
   float* out = t_out.data();
   // attention block
   rms_norm(h, L.norm1, m.hidden, m.eps, x);
-  for (int i = 0; i < 3; ++i) {  // q, k, v: one input, outputs one after another
-    qlora::decode_linear(L.qkv[i], x, out);
-    out += L.qkv[i].n;
-  }
-  out = t_out.data();
+  qlora::decode_linears(L.qkv, 3, x, out);  // q, k, v: one input, outputs one after another
   uint16_t* qkv = t_act.data();  // the projections in bf16
   for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] = to_bf(out[i]);
   for (int64_t hd = 0; hd < m.heads + m.kv_heads; ++hd) rotary(qkv + hd * d, m.cos + pos * d, m.sin + pos * d, d);
@@ -77,8 +73,7 @@ void layer_step(const QloraLlama& m, const QloraLlamaLayer& L, uint16_t* h, int6
   add_residual(h, out, m.hidden);
   // MLP block
   rms_norm(h, L.norm2, m.hidden, m.eps, x);
-  qlora::decode_linear(L.gate_up[0], x, out);
-  qlora::decode_linear(L.gate_up[1], x, out + I);
+  qlora::decode_linears(L.gate_up, 2, x, out);  // gate, then up at out + I
   float* e = t_q.data();  // exp(-gate)
   for (int64_t i = 0; i < I; ++i) e[i] = -bf(to_bf(out[i]));
   qlora::exp_inplace(e, I);

@@ -28,6 +28,17 @@ inline void store(float* p, F16 v) { _mm256_storeu_ps(p, v.a), _mm256_storeu_ps(
 
 inline __m256 bf16x8(const uint16_t* p) { return ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load16b(p)), 16)); }
 inline F16 load_bf16(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+// simd16_scalar.h's even/odd lanes: each 32-bit lane holds an even element (low half: shift it up)
+// and an odd one (high half: mask), so 16 bf16 widen in 3 uops and no shuffle (load_bf16: 6, 4 on
+// the shuffle port)
+inline F16 load_bf16_eo(const uint16_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {ps(_mm256_slli_epi32(w, 16)), ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))))};
+}
+inline F16 from_eo(F16 v) {
+  const __m256 lo = _mm256_unpacklo_ps(v.a, v.b), hi = _mm256_unpackhi_ps(v.a, v.b);  // 0-3 | 8-11, 4-7 | 12-15
+  return {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+}
 
 // float_to_bf16 in 32-bit lanes, in integers (round to nearest even; NaN -> 0x7fc0)
 inline __m256i bf16_bits8(__m256 v) {

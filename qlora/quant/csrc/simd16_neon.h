@@ -33,6 +33,18 @@ inline F16 load_bf16(const uint16_t* p) {
   return {{vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(lo), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(lo, 16)),
            vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(hi), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(hi, 16))}};
 }
+// simd16_scalar.h's even/odd lanes: vld2 splits the elements, zips join them again
+inline F16 load_bf16_eo(const uint16_t* p) {
+  const uint16x8x2_t eo = vld2q_u16(p);
+  return {{vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(eo.val[0]), 16)),
+           vreinterpretq_f32_u32(vshll_high_n_u16(eo.val[0], 16)),
+           vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(eo.val[1]), 16)),
+           vreinterpretq_f32_u32(vshll_high_n_u16(eo.val[1], 16))}};
+}
+inline F16 from_eo(F16 v) {
+  return {{vzip1q_f32(v.v[0], v.v[2]), vzip2q_f32(v.v[0], v.v[2]), vzip1q_f32(v.v[1], v.v[3]),
+           vzip2q_f32(v.v[1], v.v[3])}};
+}
 // float_to_bf16 in 32-bit lanes, in integers (round to nearest even; NaN -> 0x7fc0)
 inline uint16x4_t bf16_bits4(float32x4_t v) {
   const uint32x4_t u = vreinterpretq_u32_f32(v);

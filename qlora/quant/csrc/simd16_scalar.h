@@ -35,6 +35,14 @@ inline F16 set1(float x) { return fmap([x](int) { return x; }); }
 inline F16 load(const float* p) { return fmap([p](int l) { return p[l]; }); }
 inline void store(float* p, F16 v) { std::memcpy(p, v.v, sizeof v.v); }
 inline F16 load_bf16(const uint16_t* p) { return fmap([p](int l) { return bf16_to_float(p[l]); }); }
+// 16 bf16 in "even/odd" lanes: lanes 0-7 hold elements 0, 2, .., 14, lanes 8-15 elements 1, 3, .., 15
+// (AVX2 widens a pair of bf16 in one 32-bit lane with a shift and a mask, no shuffle); from_eo
+// puts such lanes back in element order. Lane-wise sums over eo vectors, then from_eo, equal the
+// same sums over load_bf16's lanes bit for bit.
+inline F16 load_bf16_eo(const uint16_t* p) {
+  return fmap([p](int l) { return bf16_to_float(p[l < 8 ? 2 * l : 2 * (l - 8) + 1]); });
+}
+inline F16 from_eo(F16 v) { return fmap([&v](int j) { return v.v[j % 2 == 0 ? j / 2 : 8 + j / 2]; }); }
 inline void store_bf16(uint16_t* p, F16 v) {
   for (int l = 0; l < 16; ++l) p[l] = float_to_bf16(v.v[l]);
 }
