@@ -14,6 +14,8 @@
 //     remaining element's product added in turn: the AVX512-BF16 build's own order.
 //   lora_b: per 16 outputs, four accumulators over the ranks (rank c into c % 4, those past the
 //     last multiple of 4 into the first), fused; (a0 + a1) + (a2 + a3): the AVX512-BF16 order.
+// gemv16 and lora_b load their bf16 operand in simd16.h's even/odd lanes (cheaper on AVX2) and put
+// the lanes back in order before reducing or storing: the sums above, lane for lane.
 
 #include <algorithm>
 #include <cstdint>
