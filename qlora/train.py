@@ -387,10 +387,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Load, finetune, save. For the built-in demo (no data), see qlora.demo.run."""
     if cfg.nproc > 1 and not distributed.launched():
         return distributed.launch(cfg)  # re-runs this in cfg.nproc processes, which take the branch below
+    finished = False
     try:
         run = setup(cfg)
         summary = fit(run, progress=progress)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(drain=finished)
     summary["data"] = run.data_stats
     return summary
