@@ -13,7 +13,7 @@ exp), in fp32 by a few ulps; tested in tests/nn/test_fused.py.
 `keep_saved_in(net, torch.bfloat16)` (TrainConfig.saved_activations) has both keep what backward
 reads (the norm's input, gate and up) rounded to bf16 when they are wider: with fp32 compute
 forward is unchanged and backward reads bf16 copies, ~20% less activation memory (SmolLM2,
-4 x 256: 986 -> 756 MiB estimated).
+4 x 256: 986 -> 737 MiB estimated).
 
 The norm weight is taken as frozen (QLoRA trains only the adapters): when it requires grad the
 plain ops run instead, so autograd gives it a gradient.
