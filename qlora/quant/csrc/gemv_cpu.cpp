@@ -66,15 +66,15 @@ inline void gemv4_rows(const QloraDecodeLinear& L, const float* xs, const v16::C
   for (int r = 0; r < R; ++r) out[r] = v16::reduce_add(acc[r]);
 }
 
-// x (bf16, k) as fp32 in this thread's scratch, zero-padded to a multiple of 16, each 16 in
-// load_bf16_eo's even/odd order (simd16.h): the bf16 operands of gemv16 and lora_b load that way.
-const float* widen_eo(const uint16_t* x, int64_t k) {
-  t_x16.assign(size_t((k + 15) / 16 * 16), 0.0f);
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t i = j % 16;  // even elements of each 16 first, then the odd ones
-    t_x16[j - i + (i % 2 == 0 ? i / 2 : 8 + i / 2)] = bf16_to_float(x[j]);
-  }
-  return t_x16.data();
+// x (bf16, k) as fp32 in `buf` (this thread's scratch), zero-padded to a multiple of 16, each 16
+// as its 8 even elements, then its 8 odd ones: the order gemv4 unpacks codes in, and simd16.h's
+// load_bf16_eo lanes, in which gemv16 and lora_b load their bf16 operand.
+const float* widen_eo(const uint16_t* x, int64_t k, std::vector<float>& buf) {
+  buf.assign(size_t((k + 15) / 16 * 16), 0.0f);
+  float* out = buf.data();
+  for (int64_t j = 0; j < k; j += 16)
+    for (int64_t i = 0; i < 16 && j + i < k; ++i) out[j + (i % 2 == 0 ? i / 2 : 8 + i / 2)] = bf16_to_float(x[j + i]);
+  return out;
 }
 
 // The first n < 16 bf16 of p, zero-padded, in even/odd lanes.
@@ -111,16 +111,7 @@ float dot16(const uint16_t* w, int64_t k, const float* xeo) {
 
 }  // namespace
 
-const float* gemv4_input(const uint16_t* x, int64_t k) {
-  t_x4.resize(size_t(k));
-  float* out = t_x4.data();
-  for (int64_t j = 0; j < k; j += 16)  // k % 64 == 0 (llama_structs.py checks)
-    for (int i = 0; i < 8; ++i) {
-      out[j + i] = bf16_to_float(x[j + 2 * i]);
-      out[j + 8 + i] = bf16_to_float(x[j + 2 * i + 1]);
-    }
-  return out;
-}
+const float* gemv4_input(const uint16_t* x, int64_t k) { return widen_eo(x, k, t_x4); }
 
 void gemv4_range(const QloraDecodeLinear& L, const float* x, int64_t o0, int64_t o1, float* out) {
   const v16::Codebook cb = v16::codebook(L.code);
@@ -131,11 +122,11 @@ void gemv4_range(const QloraDecodeLinear& L, const float* x, int64_t o0, int64_t
 }
 
 void gemv16(const uint16_t* w, int64_t n, int64_t k, const uint16_t* x, float* out) {
-  const float* xf = widen_eo(x, k);
+  const float* xf = widen_eo(x, k, t_x16);
   for (int64_t o = 0; o < n; ++o) out[o] = dot16(w + o * k, k, xf);
 }
 
-float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen_eo(x, k)); }
+float gemv16_row1(const uint16_t* w, int64_t k, const uint16_t* x) { return dot16(w, k, widen_eo(x, k, t_x16)); }
 
 float gemv8_row(const int8_t* q, int64_t k, const float* x) {
   v16::F16 a[4] = {v16::zero(), v16::zero(), v16::zero(), v16::zero()};
