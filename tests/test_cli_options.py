@@ -1,5 +1,6 @@
 """The flags verbs share (qlora.cli.options): one definition, one spelling accepted everywhere."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -63,3 +64,24 @@ def test_merge_and_generate_with_the_shared_flags(tmp_path, capsys):
     assert main(["generate", "--model", model_dir, "--adapter", adapter, "--raw", "--max-new-tokens", "2",
                  "--blocksize", "32", "--no-double-quant", "--dtype", "fp32", "hi"]) == 0
     assert "(nf4@32 + 1 adapter(s), float32)" in capsys.readouterr().err
+
+
+def _verbs(parser):
+    """Every command line the parser offers: each verb, and each sub-verb under it."""
+    def subparsers(p):
+        return next((a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    for name, sub in subparsers(parser).items():
+        yield [name]
+        yield from ([name, inner] for inner in subparsers(sub))
+
+
+def test_every_verb_prints_its_help(parser, capsys):
+    # help text comes partly from TrainConfig docstrings; a bare `%` in one once crashed `train --help`
+    verbs = list(_verbs(parser))
+    assert ["train"] in verbs and ["memory"] in verbs and ["eval", "perplexity"] in verbs
+    for verb in verbs:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*verb, "--help"])
+        assert e.value.code == 0, verb
+        assert "usage: qlora " + " ".join(verb) in capsys.readouterr().out

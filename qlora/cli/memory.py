@@ -7,6 +7,7 @@ import argparse
 
 from ..config import TrainConfig, field_docs
 from ..precision import spelled
+from .options import field_help
 
 # flag -> TrainConfig field whose default and help text it shares (one copy of each)
 _SHARED = ("quant_type", "double_quant", "blocksize", "quantize_head", "compute_dtype", "lora_r", "lora_targets",
@@ -28,7 +29,7 @@ def register(sub) -> None:
     hints, docs, defaults = typing.get_type_hints(TrainConfig), field_docs(), TrainConfig()
     for name in _SHARED:
         flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
-        helptext = f"{docs[name]} (default: {default})"
+        helptext = field_help(docs[name], default)
         tp = hints[name]
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
@@ -39,7 +40,7 @@ def register(sub) -> None:
             kind = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
             p.add_argument(flag, type=kind, default=default, metavar=name.upper(), help=helptext)
     p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=defaults.max_seq_len,
-                   help=f"{docs['max_seq_len']} (default: {defaults.max_seq_len})")
+                   help=field_help(docs["max_seq_len"], defaults.max_seq_len))
     p.add_argument("--target-tokens", type=int, default=None,
                    help="loss (target) tokens per sequence (default: all of --seq-len)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

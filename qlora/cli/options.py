@@ -23,6 +23,11 @@ DTYPE_HELP = ("compute dtype of the matmuls; auto = bfloat16 where the hardware 
               "else float32 (default: auto)")
 
 
+def field_help(doc: str, default) -> str:
+    """A TrainConfig field's help text: its docstring and default, with `%` escaped (argparse %-formats help)."""
+    return f"{doc} (default: {default})".replace("%", "%%")
+
+
 def positive_int(text: str) -> int:
     """argparse `type=` for counts that must be >= 1."""
     try:

@@ -9,6 +9,7 @@ import typing
 
 from ..config import TrainConfig, build_config, field_docs, load_yaml
 from ..precision import spelled
+from .options import field_help
 
 # Other spellings a flag accepts: merge and export write to --output-dir too, and take --output as well.
 ALIASES = {"output_dir": ("--output",)}
@@ -31,7 +32,7 @@ def register(sub) -> None:
     for f in TrainConfig.__dataclass_fields__.values():
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
         tp, default = hints[f.name], f.default
-        helptext = f"{docs.get(f.name, '')} (default: {default})"
+        helptext = field_help(docs.get(f.name, ""), default)
         if f.name == "resume":
             p.add_argument(*flags, nargs="?", const="latest", metavar="DIR", help=helptext)
         elif f.name == "data":  # several sources make a mixture: --data a.jsonl:0.7 b.jsonl:0.3
