@@ -248,7 +248,8 @@ def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
     activation dtype. Over a 4-bit base the whole layer is one autograd function (nn.lora._LoRA4bit)
     that saves its input x, re-deriving the dropout mask from a seed: linears reading the same
     tensor save it once (the attention output is SDPA's saved output; with nn.fused the MLP's down
-    projection keeps gate and up, saved anyway, instead of their product), whatever the dropout. Over a
+    projection keeps gate and up, saved anyway, instead of their product, and the linears reading a
+    norm's output keep the norm's saved input instead of it), whatever the dropout. Over a
     16-bit base, A saves each dropped input when dropout is on (the mask itself is never stored).
     Either way each linear saves A's r outputs; over a 16-bit base also A and B cast to the compute
     dtype (the 4-bit function keeps the parameters and casts them again in backward)."""
@@ -259,8 +260,9 @@ def _lora_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
         inputs = {x.group: x.in_features for x in specs}
         if s.attention == "sdpa" and not arch.gpt2_style:
             inputs.pop("attn_out", None)
-        if _fused(arch) and s.quant_type != "bf16":  # nn.lora._GatedLoRA4bit keeps gate and up, not the product
-            inputs.pop("mlp_out", None)
+        if _fused(arch) and s.quant_type != "bf16":  # nn.lora._GatedLoRA4bit keeps gate and up, not the product;
+            for group in ("mlp_out", "attn_in", "mlp_in"):  # _LoRA4bit keeps a norm's output as the norm's input
+                inputs.pop(group, None)
         per_token = c * sum(inputs.values())
     per_token += c * r * len(specs)
     cast = s.lora_dtype != s.compute_dtype and s.quant_type == "bf16"  # the 4-bit function casts again in backward

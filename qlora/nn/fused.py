@@ -10,6 +10,11 @@ fp32 (the compute dtype of CPUs without native bf16) they took a SmolLM2 step on
 computation, rounding for rounding; results can differ from it by one bf16 rounding (sum order,
 exp), in fp32 by a few ulps; tested in tests/nn/test_fused.py.
 
+The 4-bit LoRA layers that read a norm's output (q/k/v, gate/up) keep the norm's input, which
+the norm keeps anyway, instead of that output, and form it again in backward (`norm_source`,
+`renormed`): same bits, one tensor of (tokens, hidden) less per norm (SmolLM2 fp32, 4 x 256:
+142 MB of the step's 2.1 GB).
+
 `keep_saved_in(net, torch.bfloat16)` (TrainConfig.saved_activations) has both keep what backward
 reads (the norm's input, gate and up) rounded to bf16 when they are wider: with fp32 compute
 forward is unchanged and backward reads bf16 copies, ~20% less activation memory (SmolLM2,
@@ -47,19 +52,43 @@ def kept(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or dtype.itemsize >= t.element_size() else t.to(dtype)
 
 
+def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) for the rows of x2 (T, H): the forward pass, the same bits every time it is called."""
+    k = _kernels(x2, weight)
+    if k is not None:
+        return k.train.rms_norm_forward(x2, weight.contiguous(), eps)
+    rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
+    return weight * (x2.float() * rstd[:, None]).to(x2.dtype), rstd
+
+
+_SOURCE = "_fused_norm_source"  # attribute on a fused norm's output: what renormed() forms it again from
+
+
+def norm_source(t: torch.Tensor) -> tuple | None:
+    """(the input as the norm keeps it, weight, eps) when `t` is a fused RMSNorm's output in training,
+    else None. A consumer that would save `t` for backward can save these instead (the norm keeps them
+    anyway) and form `t` again with `renormed`: same bits, unless the norm keeps its input rounded
+    (keep_saved_in), where backward reads `t` formed from that rounded copy."""
+    return getattr(t, _SOURCE, None)
+
+
+def renormed(source: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The norm's output (T, H) from norm_source(output), in the compute dtype `dtype`."""
+    x2, weight, eps = source
+    return _rms_norm_rows(x2.to(dtype), weight, eps)[0]
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, saved_dtype: torch.dtype | None = None):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        k = _kernels(x2, weight)
-        if k is not None:
-            y, rstd = k.train.rms_norm_forward(x2, weight.contiguous(), eps)
-        else:
-            rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
-            y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
-        ctx.save_for_backward(kept(x2, saved_dtype), weight, rstd)
+        y, rstd = _rms_norm_rows(x2, weight, eps)
+        saved = kept(x2, saved_dtype)
+        ctx.save_for_backward(saved, weight, rstd)
         ctx.dtype = x2.dtype
-        return y.view(x.shape)
+        out = y.view(x.shape)
+        setattr(out, _SOURCE, (saved, weight, eps))  # read by nn.lora._LoRA4bit
+        return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

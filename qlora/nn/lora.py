@@ -161,23 +161,30 @@ class _LoRA4bit(torch.autograd.Function):
     base output with one addmm (no separate scale and add passes over (tokens, out)); the
     dropout mask is re-derived from its seed in backward rather than kept; and what is saved is x
     itself, which q/k/v (and gate/up) share, plus the (tokens, r) product, instead of a dropped
-    copy of x per layer. W is dequantized again in backward, as in _Matmul4bit."""
+    copy of x per layer. When x is a fused RMSNorm's output (q/k/v, gate/up) the norm's own saved input
+    is kept instead and x formed again in backward (nn.fused.norm_source). W is dequantized again in
+    backward, as in _Matmul4bit."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, layer: Linear4bit, scaling: float, p: float, seed: int):
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         y, xa = _lora4bit_forward(x2, lora_a.to(x.dtype), lora_b.to(x.dtype), layer, scaling, p, seed)
-        ctx.save_for_backward(x, xa, lora_a, lora_b)  # the parameters, cast again in backward: no saved copies
+        source = fused.norm_source(x)  # x is a fused norm's output: keep the norm's input instead, as it does
+        kept = source[:2] if source is not None else (x,)
+        ctx.save_for_backward(*kept, xa, lora_a, lora_b)  # the parameters, cast again in backward: no saved copies
         ctx.layer, ctx.scaling, ctx.p, ctx.seed = layer, scaling, p, seed
+        ctx.eps, ctx.dtype, ctx.shape = source and source[2], x.dtype, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, lora_a, lora_b = ctx.saved_tensors
+        *kept, xa, lora_a, lora_b = ctx.saved_tensors
+        x2 = fused.renormed((*kept, ctx.eps), ctx.dtype) if len(kept) == 2 else kept[0].reshape(-1, ctx.shape[-1])
         grad_x, grad_a, grad_b = _lora4bit_backward(
-            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, lora_a.to(x.dtype),
-            lora_b.to(x.dtype), ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad[:3])
-        return (None if grad_x is None else grad_x.view(x.shape), None if grad_a is None else grad_a.to(lora_a.dtype),
+            grad_y.reshape(-1, grad_y.shape[-1]), x2, xa, lora_a.to(x2.dtype),
+            lora_b.to(x2.dtype), ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad[:3])
+        return (None if grad_x is None else grad_x.view(ctx.shape),
+                None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
 
 

@@ -285,3 +285,74 @@ def test_mlp_kept_in_bf16_rounds_gate_and_up_only(adapted):
     assert seen == [torch.bfloat16, torch.bfloat16]  # gate and up, nothing else of that shape
     assert all(torch.equal(a, b) for a, b in zip(kept, rounded))
     assert torch.equal(kept[0], default[0]) and not torch.equal(kept[1], default[1])
+
+
+# ---- 4-bit LoRA layers reading a norm's output keep the norm's input instead (norm_source) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reference", [False, True])
+def test_lora_after_a_norm_keeps_the_norms_input_not_its_output(dtype, reference, monkeypatch):
+    """q/k/v over a fused norm: the layers keep the norm's input (which the norm keeps anyway) and
+    form its output again in backward. Output and every gradient are bit for bit those of keeping
+    the output; the output's storage is no longer among what autograd keeps."""
+    from qlora.nn import Linear4bit, LoRALinear
+
+    if reference:
+        monkeypatch.setattr(fused, "_kernels", lambda *t: None)
+    g = torch.Generator().manual_seed(4)
+    norm = fused.RMSNorm(torch.nn.Parameter((torch.rand(64, generator=g) + 0.5).to(dtype), requires_grad=False), 1e-5)
+    layers = []
+    for out in (64, 32, 32):
+        base = Linear4bit.from_linear(torch.nn.Linear(64, out, bias=out == 64), compute_dtype=dtype)
+        layers.append(LoRALinear(base, r=8, dropout=0.1).train())
+        with torch.no_grad():
+            layers[-1].lora_B.weight.normal_(0, 0.1, generator=g)
+    params = [p for m in layers for p in m.parameters() if p.requires_grad]
+    x = (torch.randn(2, 40, 64, generator=g) * 2).to(dtype)
+    dys = [torch.randn(2, 40, m.out_features, generator=g).to(dtype) for m in layers]
+
+    def run():
+        saved = set()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the same dropout seeds
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            h = norm(xi)
+            ys = [m(h) for m in layers]
+        grads = torch.autograd.grad(ys, (xi, *params), dys)
+        return ys, grads, h.untyped_storage().data_ptr() in saved
+
+    ys, grads, output_kept = run()
+    monkeypatch.setattr(fused, "norm_source", lambda t: None)  # the layers keep the norm's output
+    ys0, grads0, output_kept0 = run()
+    assert not output_kept and output_kept0
+    assert all(torch.equal(a, b) for a, b in zip([*ys, *grads], [*ys0, *grads0]))
+
+
+def test_lora_after_a_bf16_kept_norm_reads_its_output_formed_from_the_rounded_input():
+    """fp32 compute with keep_saved_in(bf16): backward forms the norm's output again from the bf16
+    copy, so dA is that of the output recomputed from the rounded input; dB (from A's saved product)
+    is the default's bit for bit."""
+    from qlora.nn import Linear4bit, LoRALinear
+
+    g = torch.Generator().manual_seed(6)
+    norm = fused.RMSNorm(torch.nn.Parameter(torch.rand(64, generator=g) + 0.5, requires_grad=False), 1e-5)
+    layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(64, 48, bias=False), compute_dtype=torch.float32),
+                       r=8).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1, generator=g)
+    x = torch.randn(80, 64, generator=g) * 1.0009765625  # off the bf16 grid
+    dy = torch.randn(80, 48, generator=g)
+
+    def grads(inp):
+        return torch.autograd.grad(layer(norm(inp)), (layer.lora_A.weight, layer.lora_B.weight), dy)
+
+    da0, db0 = grads(x)
+    fused.keep_saved_in(norm, torch.bfloat16)
+    da, db = grads(x)
+    fused.keep_saved_in(norm, None)
+    h_rounded = norm(x.bfloat16().float())  # what backward reads in place of norm(x)
+    gxa = (dy @ layer.lora_B.weight) * layer.scaling
+    assert torch.equal(db, db0) and not torch.equal(da, da0)
+    torch.testing.assert_close(da, gxa.t() @ h_rounded, rtol=1e-5, atol=1e-6)
