@@ -7,11 +7,14 @@ bitsandbytes, runs in both fp32 and bf16 (its compute dtype is the user's choice
 are taken against its faster row: each contender at its fastest setting on this machine. Each
 contender runs in its own subprocess (peak RSS is per process). The roofline is measured in the
 same run: torch's matmul GFLOP/s in qlora's compute dtype on the model's own shapes, divided into
-the step's FLOPs per token. Last, qlora again with gradient checkpointing on, and, when it computes
-in fp32, with its saved activations kept in bf16 (`--saved-activations bfloat16`).
+the step's FLOPs per token. qlora keeps its saved activations as `qlora train` would
+(--saved-activations, default auto: bf16 copies when auto picked fp32 compute). Last, qlora again
+with gradient checkpointing on, and, when it computes in fp32, with the other saved-activations
+setting (exact fp32, or bf16 kept).
 
     python benchmarks/bench_train.py [--steps 6] [--warmup 2] [--compute-dtype auto|bfloat16|float32]
-                                     [--only qlora|qlora_gc|qlora_kept|peft_fp32|peft_bf16|roofline]
+                                     [--saved-activations auto|compute|bfloat16]
+                                     [--only qlora|qlora_gc|qlora_exact|qlora_kept|peft_fp32|peft_bf16|roofline]
 """
 
 from __future__ import annotations
@@ -158,55 +161,60 @@ def roofline(dtype: str) -> dict:
             "roofline_tokens_per_s": gflops * 1e9 / per_token}
 
 
-def run(name: str, steps: int, warmup: int, dtype: str) -> dict:
+def run(name: str, steps: int, warmup: int, dtype: str, saved: str) -> dict:
     if name == "roofline":
         return roofline(dtype)
     if name.startswith("peft_"):
         return run_peft(steps, warmup, {"peft_fp32": "float32", "peft_bf16": "bfloat16"}[name])
-    return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc", kept_bf16=name == "qlora_kept")
+    saved = {"qlora_exact": "compute", "qlora_kept": "bfloat16"}.get(name, saved)
+    return run_qlora(steps, warmup, dtype, checkpointing=name == "qlora_gc", kept_bf16=saved == "bfloat16")
 
 
 LABELS = {"qlora": "qlora", "peft_fp32": "peft + bnb, fp32", "peft_bf16": "peft + bnb, bf16",
-          "qlora_gc": "qlora, grad ckpt", "qlora_kept": "qlora, bf16 kept"}
-ROWS = ("qlora", "peft_fp32", "peft_bf16", "qlora_gc", "qlora_kept")
+          "qlora_gc": "qlora, grad ckpt", "qlora_exact": "qlora, fp32 kept", "qlora_kept": "qlora, bf16 kept"}
+ROWS = ("qlora", "peft_fp32", "peft_bf16", "qlora_gc", "qlora_exact", "qlora_kept")
 
 
 def main() -> None:
     from machine import header
 
-    from qlora.precision import CHOICES, resolve
+    from qlora.precision import CHOICES, resolve, resolve_saved
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compute-dtype", default="auto", choices=CHOICES, help="qlora's compute dtype (default: auto)")
+    ap.add_argument("--saved-activations", default="auto", choices=("auto", "compute", "bfloat16"),
+                    help="what qlora keeps for backward, as `qlora train --saved-activations` (default: auto)")
     ap.add_argument("--only", choices=[*ROWS, "roofline"])
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     dtype = resolve(a.compute_dtype, "cpu", announce=False)
+    saved = resolve_saved(a.saved_activations, a.compute_dtype, dtype)
     if a.only:
-        print(json.dumps(run(a.only, a.steps, a.warmup, dtype)))
+        print(json.dumps(run(a.only, a.steps, a.warmup, dtype, saved)))
         return
     print(header(a.compute_dtype))
     model_dir()
     results = {}
+    other = {"compute": "qlora_kept", "bfloat16": "qlora_exact"}[saved] if dtype == "float32" else None
     for name in ("roofline", *ROWS):
-        if name == "qlora_kept" and dtype != "float32":
-            continue  # bf16 compute keeps bf16 activations already
+        if name in ("qlora_exact", "qlora_kept") and name != other:
+            continue  # the row that keeps the other way (bf16 compute keeps bf16 activations already)
         r = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--warmup",
-                            str(a.warmup),
-                            "--compute-dtype", dtype], capture_output=True, text=True)
+                            str(a.warmup), "--compute-dtype", dtype, "--saved-activations", saved],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-1500:]}")
             continue
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
-    report(results, dtype)
+    report(results, dtype, saved)
 
 
-def report(results: dict, dtype: str) -> None:
+def report(results: dict, dtype: str, saved: str) -> None:
     roof = results.get("roofline", {})
     print(f"config: SmolLM2-135M NF4+DQ, LoRA r{R} a{ALPHA} all linear, batch {BATCH}x{SEQ}, qlora in {dtype}, "
-          f"no grad ckpt, {os.cpu_count()} cores, load avg after {os.getloadavg()[0]:.1f}")
+          f"saved activations {saved}, no grad ckpt, {os.cpu_count()} cores, load avg after {os.getloadavg()[0]:.1f}")
     if roof:
         print(f"{dtype} matmul on the model's shapes: {roof['matmul_gflops']:.0f} GFLOP/s; step cost "
               f"{roof['mflop_per_token']:.0f} MFLOP/token -> roofline {roof['roofline_tokens_per_s']:.0f} tokens/s")
@@ -219,7 +227,7 @@ def report(results: dict, dtype: str) -> None:
     if "qlora" in results and peers:
         best = max(peers, key=lambda n: results[n]["tokens_per_s"])
         p = results[best]
-        for name in ("qlora", "qlora_kept"):
+        for name in ("qlora", "qlora_exact", "qlora_kept"):
             if name in results:
                 q = results[name]
                 print(f"{LABELS[name]} / peft+bnb at its fastest ({LABELS[best]}): "

@@ -134,6 +134,15 @@ def auto_choice(device_type: str) -> tuple[str, str]:
     return "float32", f"no native bf16 known for {machine or 'this'} CPU"
 
 
+def resolve_saved(saved: str, compute: str, resolved: str) -> str:
+    """saved_activations made concrete, for a compute dtype asked for as `compute` and resolved to
+    `resolved`. 'auto' is bfloat16 where `auto` picked fp32 (a machine without fast bf16 matmuls:
+    multiply in fp32, keep for backward what a bf16 machine keeps), else compute (exact)."""
+    if saved != "auto":
+        return saved
+    return "bfloat16" if canonical(compute) == "auto" and resolved == "float32" else "compute"
+
+
 def resolve(name: str, device=None, announce: bool = True) -> str:
     """A concrete dtype name for `name` on `device`; for 'auto', the machine's choice, said once
     per process on stderr (with `announce`)."""

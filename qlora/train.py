@@ -60,7 +60,9 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
     sources = _read_sources(cfg, rows)  # errors name file:line before the model loads
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
+    requested = cfg.compute_dtype
     cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
+    cfg.saved_activations = resolve_saved_activations(cfg, requested, resume_from)
     if cfg.reference_adapter:  # DPO from a given adapter: its LoRA settings are the run's (estimate, checkpoints)
         vars(cfg).update(adapters.reference_settings(cfg.reference_adapter, cfg.quant, vars(cfg)))
     if model is None:
@@ -121,6 +123,19 @@ def resolve_compute_dtype(cfg: TrainConfig, device, ckpt: Path | None = None) ->
         print(f"compute dtype: {saved} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
         return saved
     return precision.resolve(cfg.compute_dtype, device)
+
+
+def resolve_saved_activations(cfg: TrainConfig, requested: str, ckpt: Path | None = None) -> str:
+    """cfg.saved_activations made concrete (precision.resolve_saved; for a compute dtype asked for as
+    `requested`), said when auto narrows them. On resume, 'auto' is what the checkpoint `ckpt` kept."""
+    saved = checkpoint.read_state(ckpt).get("config", {}).get("saved_activations") if ckpt else None
+    if cfg.saved_activations == "auto" and saved not in (None, "auto"):
+        return saved
+    choice = precision.resolve_saved(cfg.saved_activations, requested, cfg.compute_dtype)
+    if cfg.saved_activations == "auto" and choice != "compute":
+        print(f"saved activations: {choice} (auto: with {cfg.compute_dtype} compute, backward reads {choice} copies of "
+              "the norm inputs, gate and up; --saved-activations compute keeps them exact)", file=sys.stderr)
+    return choice
 
 
 # ---- loss ----

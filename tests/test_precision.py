@@ -61,3 +61,15 @@ def test_resolve_announces_once_and_names_pass_through(cpu, monkeypatch, capsys)
     assert precision.resolve("bf16") == "bfloat16"
     assert precision.resolve("auto", "cpu") == precision.resolve("auto", "cpu") == "float32"
     assert capsys.readouterr().err.count("compute dtype: float32 (auto: this AVX2 CPU") == 1
+
+
+@pytest.mark.parametrize("saved, compute, resolved, expected", [
+    ("auto", "auto", "float32", "bfloat16"),  # auto chose fp32: keep what a bf16 machine keeps
+    ("auto", "auto", "bfloat16", "compute"),
+    ("auto", "float32", "float32", "compute"),  # fp32 asked for: exact
+    ("auto", "fp32", "float32", "compute"),
+    ("compute", "auto", "float32", "compute"),
+    ("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
+])
+def test_saved_activations_auto_narrows_only_under_an_auto_fp32_choice(saved, compute, resolved, expected):
+    assert precision.resolve_saved(saved, compute, resolved) == expected

@@ -326,3 +326,33 @@ def test_saved_activations_bf16_reaches_every_fused_module_and_the_estimate(tiny
     assert kw["saved_activations"] == "bfloat16"
     exact = estimate(model_cfg, **{**kw, "saved_activations": "compute"})
     assert estimate(model_cfg, **kw).activations < exact.activations
+
+
+def test_saved_activations_auto_follows_the_auto_compute_choice_and_a_resumed_checkpoint(tiny_llama, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """auto: bf16 copies where auto picks fp32 (an AVX2-only CPU, simulated), said once on stderr and
+    recorded; a resumed run keeps what its checkpoint kept, whatever auto picks on the new machine."""
+    from qlora import precision
+    from qlora.nn import fused
+
+    def machine(dtype):
+        monkeypatch.setattr(precision, "auto_choice", lambda device_type: (dtype, "simulated"))
+
+    machine("float32")
+    run = setup(_cfg(tmp_path, tiny_llama, max_steps=2, save_steps=1))
+    assert (run.cfg.compute_dtype, run.cfg.saved_activations) == ("float32", "bfloat16")
+    assert {m.saved_dtype for m in run.model.modules() if isinstance(m, (fused.RMSNorm, fused.GatedMLP))} == \
+        {torch.bfloat16}
+    assert "saved activations: bfloat16 (auto" in capsys.readouterr().err
+    fit(run, progress=False)
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["config"]["saved_activations"] == "bfloat16"
+    exact = setup(_cfg(tmp_path / "exact", tiny_llama, compute_dtype="float32", max_steps=1, save_steps=1))
+    assert exact.cfg.saved_activations == "compute"  # fp32 asked for: exact
+    fit(exact, progress=False)
+    machine("bfloat16")  # the runs move to a machine with native bf16
+    resumed = setup(_cfg(tmp_path, tiny_llama, max_steps=3, save_steps=1, resume="latest"))
+    assert (resumed.cfg.compute_dtype, resumed.cfg.saved_activations) == ("float32", "bfloat16")
+    resumed = setup(_cfg(tmp_path / "exact", tiny_llama, max_steps=2, save_steps=1, resume="latest"))
+    assert (resumed.cfg.compute_dtype, resumed.cfg.saved_activations) == ("float32", "compute")
+    assert setup(_cfg(tmp_path / "fresh", tiny_llama)).cfg.saved_activations == "compute"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import QloraError
-from ..precision import canonical, resolve
+from ..precision import canonical, resolve, resolve_saved
 from ..nn.fused import FUSED_MODEL_TYPES
 from ..nn.loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS
 from ..quant.codebooks import QUANT_TYPES
@@ -69,7 +69,7 @@ class Settings:
     seq_len: int = 512
     target_tokens: int | None = None  # per sequence; None = every position is a target
     gradient_checkpointing: bool = False
-    saved_activations: str = "compute"  # or bfloat16: nn.fused.keep_saved_in (norm inputs, gate and up)
+    saved_activations: str = "auto"  # compute, bfloat16 (nn.fused.keep_saved_in: norm inputs, gate and up) or auto
     optimizer: str = "paged_adamw"
     optimizer_memory_budget: int | None = None
     compute_dtype: str = "bfloat16"  # or "auto": what training picks on this machine
@@ -81,8 +81,9 @@ class Settings:
 
     def check(self) -> "Settings":
         # 'auto' becomes what training would pick on this machine (and device); aliases as everywhere
-        s = replace(self, compute_dtype=resolve(self.compute_dtype, self.device, announce=False),
-                    lora_dtype=canonical(self.lora_dtype))
+        compute = resolve(self.compute_dtype, self.device, announce=False)
+        s = replace(self, compute_dtype=compute, lora_dtype=canonical(self.lora_dtype),
+                    saved_activations=resolve_saved(self.saved_activations, self.compute_dtype, compute))
         choices = {"quant_type": (*QUANT_TYPES, "bf16"), "lora_targets": ("all", "attention"), "optimizer": OPTIMIZERS,
                    "compute_dtype": tuple(BYTES), "lora_dtype": tuple(BYTES), "attention": ATTENTION,
                    "saved_activations": ("compute", "bfloat16"),

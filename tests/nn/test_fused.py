@@ -312,8 +312,13 @@ def test_lora_after_a_norm_keeps_the_norms_input_not_its_output(dtype, reference
     x = (torch.randn(2, 40, 64, generator=g) * 2).to(dtype)
     dys = [torch.randn(2, 40, m.out_features, generator=g).to(dtype) for m in layers]
 
+    rows = fused._rms_norm_rows
+    passes = []
+    monkeypatch.setattr(fused, "_rms_norm_rows", lambda *a: passes.append(1) or rows(*a))
+
     def run():
         saved = set()
+        passes.clear()
         xi = x.clone().requires_grad_()
         torch.manual_seed(5)  # the same dropout seeds
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.untyped_storage().data_ptr()) or t,
@@ -321,12 +326,14 @@ def test_lora_after_a_norm_keeps_the_norms_input_not_its_output(dtype, reference
             h = norm(xi)
             ys = [m(h) for m in layers]
         grads = torch.autograd.grad(ys, (xi, *params), dys)
-        return ys, grads, h.untyped_storage().data_ptr() in saved
+        assert not fused._last  # let go by the end of backward
+        return ys, grads, h.untyped_storage().data_ptr() in saved, len(passes)
 
-    ys, grads, output_kept = run()
+    ys, grads, output_kept, norm_passes = run()
     monkeypatch.setattr(fused, "norm_source", lambda t: None)  # the layers keep the norm's output
-    ys0, grads0, output_kept0 = run()
+    ys0, grads0, output_kept0, norm_passes0 = run()
     assert not output_kept and output_kept0
+    assert (norm_passes, norm_passes0) == (2, 1)  # formed again once for the three layers
     assert all(torch.equal(a, b) for a, b in zip([*ys, *grads], [*ys0, *grads0]))
 
 
