@@ -13,7 +13,8 @@ forward, its path before. The rows take turns `--repeats` times; the median is r
 process CPU time per decoded token (what a shared, busy machine distorts least). Both quantize the
 base to NF4, blocksize 64, double quantization, compute dtype --dtype. Where llama-cpp-python is
 installed and the model is a GGUF file, llama.cpp decodes the file as stored (the embedded model is
-Q4_1) without the adapter, as the CPU-performance issue measured it.
+Q4_1) without the adapter, as the CPU-performance issue measured it, and with --adapter also with
+that adapter live (`qlora export --format gguf-lora`, llama.cpp's --lora): the same work as ours.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ def peer_runner(model, ids, n):
     return run
 
 
-def llama_cpp_runner(gguf: str, ids, n, threads: int):
-    """llama.cpp (llama-cpp-python) on the GGUF file as it is (the embedded model is Q4_1), greedy."""
+def llama_cpp_runner(gguf: str, ids, n, threads: int, lora: str | None = None):
+    """llama.cpp (llama-cpp-python) on the GGUF file as it is (the embedded model is Q4_1), greedy;
+    lora: a GGUF LoRA file applied live."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=len(ids) + n + 8, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(model_path=gguf, n_ctx=len(ids) + n + 8, n_threads=threads, n_threads_batch=threads, verbose=False,
+                lora_path=lora)
 
     def run(mark):
         llm.reset()
@@ -166,10 +169,18 @@ def main() -> None:
     except ImportError as e:
         print(f"(no peer row: {e})")
     model_dir, gguf_file = hf.resolve(args.model)
+    lora_dir = tempfile.TemporaryDirectory(prefix="bench-decode-lora-")
     try:
         if gguf_file:
+            gguf = os.path.join(model_dir, gguf_file)
             runners[f"llama.cpp, GGUF as stored, base only, {args.llama_cpp_threads} threads"] = llama_cpp_runner(
-                os.path.join(model_dir, gguf_file), ids, n, args.llama_cpp_threads)
+                gguf, ids, n, args.llama_cpp_threads)
+            if args.adapter:
+                from qlora.export import export
+
+                lora = export(args.model, [args.adapter], os.path.join(lora_dir.name, "adapter.gguf"), "gguf-lora")
+                runners[f"llama.cpp, GGUF as stored + adapter live (gguf-lora f16), {args.llama_cpp_threads} "
+                        "threads"] = llama_cpp_runner(gguf, ids, n, args.llama_cpp_threads, lora["output"])
     except ImportError as e:
         print(f"(no llama.cpp row: {e})")
     print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, "
@@ -195,9 +206,11 @@ def main() -> None:
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[peer]:.2f}x; "
               f"greedy tokens identical for the first {same} of {n}")
-    llama = next((k for k in names if k.startswith("llama.cpp")), None)
-    if llama:
-        print(f"qlora / llama.cpp decode speed: {rates[names[0]] / rates[llama]:.2f}x")
+    for llama in (k for k in names if k.startswith("llama.cpp")):
+        a, b = results[names[0]][0][0], results[llama][0][0]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"qlora / {llama}: {rates[names[0]] / rates[llama]:.2f}x; greedy tokens identical for the first "
+              f"{same} of {n}")
     forward = next((k for k in names if "QLORA_DECODE=model" in k), None)
     if forward:
         a, b = results[names[0]][0][0], results[forward][0][0]

@@ -1,5 +1,6 @@
 """Merge adapters into the base and export: a 16-bit transformers directory, a bitsandbytes 4-bit
-directory (with the re-quantization error measured), GGUF f16/q8_0, or the adapter alone (PEFT).
+directory (with the re-quantization error measured), GGUF f16/q8_0, or the adapter alone (PEFT, or
+GGUF LoRA for llama.cpp's --lora).
 
 Every writer streams (one tensor or one shard in memory beyond the 4-bit model) and writes into a
 staging path renamed into place at the end, so an error never leaves a half-written output.
@@ -18,7 +19,7 @@ from ..precision import name_of, torch_dtype
 from ..quant.spec import QuantSpec
 from .files import MAX_SHARD_BYTES
 
-EXPORT_FORMATS = ("bnb", "gguf-f16", "gguf-q8_0", "peft")
+EXPORT_FORMATS = ("bnb", "gguf-f16", "gguf-q8_0", "gguf-lora", "peft")
 REPORT_FILE = "requantization_report.json"
 # Where the embedded default GGUF comes from: what PEFT should load as the adapter's base.
 DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -70,12 +71,13 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
            quant_type: str | None = None, blocksize: int | None = None, double_quant: bool | None = None) -> dict:
     """bnb: 4-bit directory (the base's own codes when there is no adapter; merged and re-quantized,
     with the error reported, when there is); gguf-f16 / gguf-q8_0: merged model as one GGUF file;
-    peft: the adapter alone, checked against the model. quant_type/blocksize/double_quant: as merge's."""
+    peft: the adapter alone, checked against the model; gguf-lora: the adapter alone as a GGUF LoRA
+    file (llama.cpp --lora over a GGUF of the same base). quant_type/blocksize/double_quant: as merge's."""
     quant = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     if fmt not in EXPORT_FORMATS:
         raise QloraError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if fmt == "peft":
-        return export_peft(model, adapters, out, overwrite, quant)
+    if fmt in ("peft", "gguf-lora"):
+        return export_adapter(model, adapters, out, fmt, overwrite, quant)
     if fmt == "bnb":
         return _write_requantized(model, adapters, quant, out, quantize, torch_dtype(dtype), eval_text,
                                   max_shard_bytes, overwrite)
@@ -92,19 +94,28 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
     return {"output": str(out), "format": fmt}
 
 
-def export_peft(model: str | None, adapters, out: str, overwrite: bool = False, quant: dict | None = None) -> dict:
-    """Re-save one adapter in PEFT's layout after applying it to the model (which checks that it fits)."""
+def export_adapter(model: str | None, adapters, out: str, fmt: str = "peft", overwrite: bool = False,
+                   quant: dict | None = None) -> dict:
+    """Re-save one adapter in PEFT's layout (fmt "peft") or as a GGUF LoRA file ("gguf-lora") after
+    applying it to the model (which checks that it fits)."""
     from ..adapters import read_adapter, recorded_lora_init, save_adapter
     from ..nn.surgery import lora_layers
     from .files import staged_dir
 
     if len(adapters) != 1:
-        raise QloraError(f"--format peft exports exactly one --adapter, got {len(adapters)}")
+        raise QloraError(f"--format {fmt} exports exactly one --adapter, got {len(adapters)}")
     cfg, _ = read_adapter(adapters[0])
     init = recorded_lora_init(adapters)
-    if init:  # its A and B fit the LoftQ / PiSSA base, not the original weights PEFT would put under them
-        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which PEFT cannot rebuild; "
-                         "export a merge (qlora merge) or GGUF instead")
+    if init:  # its A and B fit the LoftQ / PiSSA base, not the original weights a peer would put under them
+        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which {fmt} cannot rebuild; "
+                         "export a merge (qlora merge, gguf-f16, gguf-q8_0) instead")
+    if fmt == "gguf-lora":
+        from .gguf_lora import write_gguf_lora
+
+        if not str(out).endswith(".gguf"):
+            raise QloraError(f"{out}: a GGUF LoRA export is one file; give --output-dir a path ending in .gguf")
+        net, _ = load_model(model, list(adapters), compute_dtype=torch.float32, **(quant or {}))
+        return write_gguf_lora(net, out, overwrite)
     net, _ = load_model(model, list(adapters), compute_dtype=torch.bfloat16, **(quant or {}))
     with staged_dir(out, overwrite) as tmp:  # live layers have dropout 0: keep the one it was trained with
         save_adapter(net, str(tmp), model or DEFAULT_HUB_NAME, dropout=float(cfg.get("lora_dropout", 0.0)))

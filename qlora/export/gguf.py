@@ -28,7 +28,8 @@ _PERMUTE_QK = {"llama"}  # archs whose GGUF rope is interleaved (llama.cpp permu
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
 
 
-def _arch(config) -> str:
+def gguf_arch(config) -> str:
+    """The GGUF architecture name of a transformers config; QloraError where GGUF export has none."""
     arch = ARCHS.get(config.model_type)
     if arch is None:
         raise QloraError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {config.model_type}; "
@@ -57,8 +58,7 @@ def _plan(skel: nn.Module, arch: str, fmt: str):
     """[(checkpoint entry, gguf name, ggml type, shape)] in writing order."""
     import gguf
 
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
-                                     skel.config.num_hidden_layers)
+    names = tensor_names(arch, skel.config)
     shapes = dict(skel.state_dict().items())
     plan = []
     for entry in checkpoint_entries(skel):
@@ -88,9 +88,23 @@ def _encode(t: torch.Tensor, kind) -> np.ndarray:
     return gguf.quants.quantize(a, kind)
 
 
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Hugging Face q/k rows (rotate-half) -> GGUF rows (interleaved pairs), per head; llama.cpp's permute()."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def gguf_rows(t: torch.Tensor, gname: str, arch: str, config) -> torch.Tensor:
+    """A tensor's output rows in GGUF's order: llama's q/k rows go from Hugging Face's rotate-half
+    order to GGUF's interleaved pairs, per head (llama.cpp's permute()); every other tensor as is."""
+    heads = {"attn_q": config.num_attention_heads, "attn_k": _kv_heads(config)}
+    part = gname.split(".")[-2] if gname.startswith("blk.") else ""
+    if arch not in _PERMUTE_QK or part not in heads:
+        return t
+    n = heads[part]
+    return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def tensor_names(arch: str, config):
+    """gguf-py's map from transformers tensor names to GGUF ones for this architecture."""
+    import gguf
+
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                    config.num_hidden_layers)
 
 
 def write_gguf(net: nn.Module, tokenizer, out: str, fmt: str = "f16", overwrite: bool = False,
@@ -102,7 +116,7 @@ def write_gguf(net: nn.Module, tokenizer, out: str, fmt: str = "f16", overwrite:
     if fmt not in FORMATS:
         raise QloraError(f"GGUF format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     config = net.config
-    arch = _arch(config)
+    arch = gguf_arch(config)
     skel = skeleton(config)
     plan = _plan(skel, arch, fmt)
     with staged_file(out, overwrite) as tmp:
@@ -118,13 +132,9 @@ def write_gguf(net: nn.Module, tokenizer, out: str, fmt: str = "f16", overwrite:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         entries = [p[0] for p in plan]
-        heads = {"attn_q": config.num_attention_heads, "attn_k": _kv_heads(config)}
         for (key, t), (_, gname, kind, _) in tqdm(zip(merged_tensors(net, torch.float32, skel, entries), plan),
                                                   total=len(plan), desc=f"gguf {fmt}", unit="tensor", disable=None):
-            part = gname.split(".")[-2] if gname.startswith("blk.") else ""
-            if arch in _PERMUTE_QK and part in heads:
-                t = _permute(t, heads[part])
-            writer.write_tensor_data(_encode(t, kind))
+            writer.write_tensor_data(_encode(gguf_rows(t, gname, arch, config), kind))
         writer.close()
     return Path(out)
 
