@@ -131,6 +131,44 @@ def load_peer(model: str | None, adapter: str | None, dtype: torch.dtype, tmp: s
     return net.eval()
 
 
+def llama_cpp_rows(args, ids, n, tmp: str) -> dict:
+    """llama.cpp on the GGUF base as stored, and with --adapter also with it live (exported to tmp)."""
+    model_dir, gguf_file = hf.resolve(args.model)
+    if not gguf_file:
+        return {}
+    threads, gguf = args.llama_cpp_threads, os.path.join(model_dir, gguf_file)
+    try:
+        rows = {f"llama.cpp, GGUF as stored, base only, {threads} threads": llama_cpp_runner(gguf, ids, n, threads)}
+        if args.adapter:
+            from qlora.export import export
+
+            lora = export(args.model, [args.adapter], os.path.join(tmp, "adapter.gguf"), "gguf-lora")["output"]
+            rows[f"llama.cpp, GGUF as stored + adapter live (gguf-lora f16), {threads} threads"] = llama_cpp_runner(
+                gguf, ids, n, threads, lora)
+        return rows
+    except ImportError as e:
+        print(f"(no llama.cpp row: {e})")
+        return {}
+
+
+def report(results: dict, n: int) -> None:
+    """The table (medians over the repeats), then qlora's first row against every other row."""
+    print("| implementation | decode tokens/s (median) | first token incl. prefill (ms) | decode CPU per token (ms) |")
+    print("|---|---:|---:|---:|")
+    rates = {}
+    for name, runs in results.items():
+        rates[name] = statistics.median((len(s) - 1) / (s[-1] - s[0]) for _, s, _ in runs)
+        first = statistics.median(s[0] for _, s, _ in runs)
+        cpu = statistics.median(c / (len(s) - 1) for _, s, c in runs)
+        print(f"| {name} | {rates[name]:.1f} | {first * 1e3:.0f} | {cpu * 1e3:.1f} |")
+    ours, *others = results
+    print()
+    for name in others:
+        a, b = results[ours][0][0], results[name][0][0]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"qlora / {name}: {rates[ours] / rates[name]:.2f}x; greedy tokens identical for the first {same} of {n}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="base model: directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
@@ -168,21 +206,8 @@ def main() -> None:
         runners["transformers + bitsandbytes NF4" + (" + PEFT" if adapters else "")] = peer_runner(peer, ids, n)
     except ImportError as e:
         print(f"(no peer row: {e})")
-    model_dir, gguf_file = hf.resolve(args.model)
-    lora_dir = tempfile.TemporaryDirectory(prefix="bench-decode-lora-")
-    try:
-        if gguf_file:
-            gguf = os.path.join(model_dir, gguf_file)
-            runners[f"llama.cpp, GGUF as stored, base only, {args.llama_cpp_threads} threads"] = llama_cpp_runner(
-                gguf, ids, n, args.llama_cpp_threads)
-            if args.adapter:
-                from qlora.export import export
-
-                lora = export(args.model, [args.adapter], os.path.join(lora_dir.name, "adapter.gguf"), "gguf-lora")
-                runners[f"llama.cpp, GGUF as stored + adapter live (gguf-lora f16), {args.llama_cpp_threads} "
-                        "threads"] = llama_cpp_runner(gguf, ids, n, args.llama_cpp_threads, lora["output"])
-    except ImportError as e:
-        print(f"(no llama.cpp row: {e})")
+    lora_dir = tempfile.TemporaryDirectory(prefix="bench-decode-lora-")  # lives as long as the runners
+    runners.update(llama_cpp_rows(args, ids, n, lora_dir.name))
     print(f"{args.model or 'SmolLM2-135M-Instruct (embedded)'} + {args.adapter or 'no adapter'}, {args.dtype}, "
           f"prompt {len(ids)} tokens, {n} new tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
@@ -191,34 +216,9 @@ def main() -> None:
         for name, run in runners.items():  # taking turns: a busy machine slows both alike
             results[name].append(time_tokens(run))
     print(f"load avg after: {os.getloadavg()[0]:.1f}\n")
-    print("| implementation | decode tokens/s (median) | first token incl. prefill (ms) | decode CPU per token (ms) |")
-    print("|---|---:|---:|---:|")
-    rates = {}
-    for name, runs in results.items():
-        rates[name] = statistics.median((len(s) - 1) / (s[-1] - s[0]) for _, s, _ in runs)
-        first = statistics.median(s[0] for _, s, _ in runs)
-        cpu = statistics.median(c / (len(s) - 1) for _, s, c in runs)
-        print(f"| {name} | {rates[name]:.1f} | {first * 1e3:.0f} | {cpu * 1e3:.1f} |")
-    names = list(results)
-    peer = next((k for k in names if k.startswith("transformers")), None)
-    if peer:
-        a, b = results[names[0]][0][0], results[peer][0][0]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"\nqlora / peer decode speed: {rates[names[0]] / rates[peer]:.2f}x; "
-              f"greedy tokens identical for the first {same} of {n}")
-    for llama in (k for k in names if k.startswith("llama.cpp")):
-        a, b = results[names[0]][0][0], results[llama][0][0]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"qlora / {llama}: {rates[names[0]] / rates[llama]:.2f}x; greedy tokens identical for the first "
-              f"{same} of {n}")
-    forward = next((k for k in names if "QLORA_DECODE=model" in k), None)
-    if forward:
-        a, b = results[names[0]][0][0], results[forward][0][0]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"qlora's decode step / transformers' forward: {rates[names[0]] / rates[forward]:.2f}x; "
-              f"greedy tokens identical for the first {same} of {n}")
-    print("answer (qlora):", repr(tokenizer.decode(results[names[0]][0][0], skip_special_tokens=True)[:200]))
-
+    report(results, n)
+    first = next(iter(results.values()))
+    print("answer (qlora):", repr(tokenizer.decode(first[0][0], skip_special_tokens=True)[:200]))
 
 if __name__ == "__main__":
     main()

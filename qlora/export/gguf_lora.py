@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import QloraError
@@ -52,8 +51,11 @@ def write_gguf_lora(net: torch.nn.Module, out: str, overwrite: bool = False, nam
                 raise QloraError(f"GGUF LoRA export: no GGUF name for layer '{key}' of this {arch} model")
             a = layer.lora_A.weight.detach().float()
             b = gguf_rows(layer.lora_B.weight.detach().float(), target, arch, config)  # B makes the rows
-            writer.add_tensor(f"{target}.lora_a", a.cpu().numpy().astype(np.float16))
-            writer.add_tensor(f"{target}.lora_b", b.cpu().numpy().astype(np.float16))
+            for suffix, t in (("lora_a", a), ("lora_b", b)):
+                f16 = t.cpu().to(torch.float16)
+                if not torch.isfinite(f16).all():
+                    raise QloraError(f"{key}: a LoRA factor exceeds f16's range (±65504); export a merge instead")
+                writer.add_tensor(f"{target}.{suffix}", f16.numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -36,8 +36,8 @@ def field(path, key):
     return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else float(value[0])
 
 
-def lora_adapter(root, seed: int = 1, **lora) -> str:
-    """A tiny adapter with random A and B, in the given LoRA variant (rslora, dora)."""
+def lora_adapter(root, seed: int = 1, b_scale: float = 0.05, **lora) -> str:
+    """A tiny adapter with random A and B (B ~ b_scale), in the given LoRA variant (rslora, dora)."""
     from qlora import hf
     from qlora.adapters import save_adapter
     from qlora.nn.surgery import lora_layers
@@ -46,7 +46,7 @@ def lora_adapter(root, seed: int = 1, **lora) -> str:
     net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0, **lora))
     g = torch.Generator().manual_seed(seed)
     for layer in lora_layers(net).values():
-        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * b_scale
     save_adapter(net, str(root / "adapter"), model_dir)
     return str(root / "adapter")
 
@@ -86,7 +86,10 @@ def test_refusals_name_the_problem(tiny, tmp_path):
     dora = lora_adapter(tmp_path / "dora", dora=True)
     with pytest.raises(QloraError, match="DoRA"):
         export(str(tmp_path / "dora" / "model"), [dora], str(tmp_path / "d.gguf"), "gguf-lora")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora"]  # nothing written
+    huge = lora_adapter(tmp_path / "huge", b_scale=1e6)
+    with pytest.raises(QloraError, match="f16's range"):
+        export(str(tmp_path / "huge" / "model"), [huge], str(tmp_path / "h.gguf"), "gguf-lora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "huge"]  # nothing written
 
 
 def test_export_command_writes_the_file(tiny, tmp_path, capsys):
