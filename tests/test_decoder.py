@@ -196,7 +196,11 @@ def test_unquantized_and_dropout_layers_use_the_models_forward(tmp_path, sharp):
 @pytest.mark.slow
 def test_smollm2_with_the_demo_adapter(tmp_path):
     """The real model: greedy answers identical to the model's forward on the benchmark prompt and
-    three more (up to the end of the answer), logits within 2 along the way (measured: <= 1.1)."""
+    three more (up to the end of the answer), logits within 2 along the way (measured: <= 1.1).
+    Where the forward's top logits tie within bf16's spacing (0.125 at ~20) the two may part: the
+    test then stops at the first such token and asserts that it is one, i.e. the decode step took
+    its own argmax and the forward scores that token within the two logit vectors' difference
+    (seen with some demo adapters: 20.375 vs 20.25, forward against decode 20.25 vs 20.25)."""
     pytest.importorskip("gguf")
     import pathlib
 
@@ -217,4 +221,9 @@ def test_smollm2_with_the_demo_adapter(tmp_path):
         ours = list(sample(model, ids, GenerationSettings(), 25))
         greedy = [int(a.argmax()) for a, _, _ in rows]
         end = greedy.index(tok.eos_token_id) if tok.eos_token_id in greedy else len(greedy)
-        assert ours[1: end + 1] == greedy[:end]
+        part = next((j for j, (x, y) in enumerate(zip(ours[1: end + 1], greedy[:end])) if x != y), end)
+        assert ours[1: part + 1] == greedy[:part]
+        if part < end:  # only at a near-tie (see above)
+            a, b, _ = rows[part]
+            took = ours[part + 1]
+            assert int(b.argmax()) == took and float(a.max() - a[took]) <= float((a - b).abs().max())

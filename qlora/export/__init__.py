@@ -106,8 +106,9 @@ def export_adapter(model: str | None, adapters, out: str, fmt: str = "peft", ove
         raise QloraError(f"--format {fmt} exports exactly one --adapter, got {len(adapters)}")
     cfg, _ = read_adapter(adapters[0])
     init = recorded_lora_init(adapters)
+    peer = {"peft": "PEFT", "gguf-lora": "llama.cpp"}[fmt]
     if init:  # its A and B fit the LoftQ / PiSSA base, not the original weights a peer would put under them
-        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which {fmt} cannot rebuild; "
+        raise QloraError(f"{adapters[0]}: trained over a {init['method']} base, which {peer} cannot rebuild; "
                          "export a merge (qlora merge, gguf-f16, gguf-q8_0) instead")
     if fmt == "gguf-lora":
         from .gguf_lora import write_gguf_lora
