@@ -111,6 +111,9 @@ def test_loaded_layer_by_layer_and_an_adapter_re_derives_its_base(tiny_llama, tm
         assert torch.equal(again(ids).logits, model(ids).logits)
     with pytest.raises(QloraError, match=f"trained over a {method} base, which PEFT cannot rebuild"):
         export(tiny_llama, [str(tmp_path / "a")], str(tmp_path / "peft"), "peft")
+    with pytest.raises(QloraError, match=f"trained over a {method} base, which llama.cpp cannot rebuild"):
+        export(tiny_llama, [str(tmp_path / "a")], str(tmp_path / "a.gguf"), "gguf-lora")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "a.gguf").exists()
 
 
 def test_settings_that_do_not_fit_are_refused(tiny_llama):
