@@ -220,5 +220,6 @@ def main() -> None:
     first = next(iter(results.values()))
     print("answer (qlora):", repr(tokenizer.decode(first[0][0], skip_special_tokens=True)[:200]))
 
+
 if __name__ == "__main__":
     main()

@@ -82,17 +82,18 @@ def save_tiny(path: str, arch: str = "llama", seed: int = 0) -> str:
     return path
 
 
-def save_tiny_adapter(root, arch: str = "llama", seed: int = 0) -> tuple[str, str]:
-    """A tiny model dir and a non-trivial PEFT adapter for it (lora_B random, so it changes outputs)."""
+def save_tiny_adapter(root, arch: str = "llama", seed: int = 0, b_scale: float = 0.05, **lora) -> tuple[str, str]:
+    """A tiny model dir and a non-trivial PEFT adapter for it (lora_B random, ~b_scale, so it changes
+    outputs); lora: LoRA settings over r 4, alpha 8, no dropout (rslora=True, dora=True, ...)."""
     from qlora import hf
     from qlora.adapters import save_adapter
     from qlora.nn.surgery import lora_layers
 
     model_dir = save_tiny(str(root / f"model-{arch}"), arch)
-    net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0))
+    net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0) | lora)
     g = torch.Generator().manual_seed(seed)
     for layer in lora_layers(net).values():
-        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * b_scale
     adapter_dir = str(root / f"adapter-{arch}")
     save_adapter(net, adapter_dir, model_dir)
     return model_dir, adapter_dir

@@ -76,6 +76,8 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
     quant = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     if fmt not in EXPORT_FORMATS:
         raise QloraError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if fmt.startswith("gguf") and not str(out).endswith(".gguf"):
+        raise QloraError(f"{out}: a GGUF export is one file; give --output-dir a path ending in .gguf")
     if fmt in ("peft", "gguf-lora"):
         return export_adapter(model, adapters, out, fmt, overwrite, quant)
     if fmt == "bnb":
@@ -84,8 +86,6 @@ def export(model: str | None, adapters, out: str, fmt: str, dtype: str = "bfloat
     from ..hf import resolve
     from .gguf import write_gguf
 
-    if not str(out).endswith(".gguf"):
-        raise QloraError(f"{out}: a GGUF export is one file; give --output-dir a path ending in .gguf")
     # fp32 keeps the source's own precision for the norms and embeddings that GGUF stores in f32/f16
     net, tokenizer = load_model(model, list(adapters), compute_dtype=torch.float32, **quant)
     directory, gguf_file = resolve(model)
@@ -113,8 +113,6 @@ def export_adapter(model: str | None, adapters, out: str, fmt: str = "peft", ove
     if fmt == "gguf-lora":
         from .gguf_lora import write_gguf_lora
 
-        if not str(out).endswith(".gguf"):
-            raise QloraError(f"{out}: a GGUF LoRA export is one file; give --output-dir a path ending in .gguf")
         net, _ = load_model(model, list(adapters), compute_dtype=torch.float32, **(quant or {}))
         return write_gguf_lora(net, out, overwrite)
     net, _ = load_model(model, list(adapters), compute_dtype=torch.bfloat16, **(quant or {}))

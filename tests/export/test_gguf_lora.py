@@ -11,12 +11,11 @@ permutation or alpha is off by ~1e-2 and more.
 
 import numpy as np
 import pytest
-import torch
 
 from qlora.cli import main
 from qlora.errors import QloraError
 from qlora.export import export
-from tiny import save_tiny, save_tiny_adapter
+from tiny import save_tiny_adapter
 
 gguf = pytest.importorskip("gguf")
 
@@ -36,25 +35,9 @@ def field(path, key):
     return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else float(value[0])
 
 
-def lora_adapter(root, seed: int = 1, b_scale: float = 0.05, **lora) -> str:
-    """A tiny adapter with random A and B (B ~ b_scale), in the given LoRA variant (rslora, dora)."""
-    from qlora import hf
-    from qlora.adapters import save_adapter
-    from qlora.nn.surgery import lora_layers
-
-    model_dir = save_tiny(str(root / "model"), "llama")
-    net, _ = hf.load(model_dir, lora=dict(r=4, alpha=8, dropout=0.0, **lora))
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(net).values():
-        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * b_scale
-    save_adapter(net, str(root / "adapter"), model_dir)
-    return str(root / "adapter")
-
-
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
 def test_lora_file_plus_base_equals_the_merged_export(tmp_path, variant):
-    adapter = lora_adapter(tmp_path, rslora=variant == "rslora")
-    model = str(tmp_path / "model")
+    model, adapter = save_tiny_adapter(tmp_path, seed=1, rslora=variant == "rslora")
     out = tmp_path / "adapter.gguf"
     summary = export(model, [adapter], str(out), "gguf-lora")
     export(model, [], str(tmp_path / "base.gguf"), "gguf-f16")
@@ -69,9 +52,10 @@ def test_lora_file_plus_base_equals_the_merged_export(tmp_path, variant):
     assert {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"} <= targets
     changed = {name for name in merged if np.abs(merged[name] - base[name]).max() > 1e-2}
     assert changed == targets  # the adapter touches exactly the tensors it names
+    alpha = field(out, "adapter.lora.alpha")
     for t in targets:
         a, b = lora[f"{t}.lora_a"], lora[f"{t}.lora_b"]  # (r, in), (out, r) as llama.cpp wants them
-        alpha_over_r = field(out, "adapter.lora.alpha") / b.shape[1]  # llama.cpp: r is lora_b's ne[0]
+        alpha_over_r = alpha / b.shape[1]  # llama.cpp: r is lora_b's ne[0]
         np.testing.assert_allclose(base[t] + alpha_over_r * (b @ a), merged[t], rtol=0, atol=5e-4, err_msg=t)
 
 
@@ -83,12 +67,11 @@ def test_refusals_name_the_problem(tiny, tmp_path):
         export(model, [adapter, adapter], str(tmp_path / "a.gguf"), "gguf-lora")
     with pytest.raises(QloraError, match="ending in .gguf"):
         export(model, [adapter], str(tmp_path / "a"), "gguf-lora")
-    dora = lora_adapter(tmp_path / "dora", dora=True)
-    with pytest.raises(QloraError, match="DoRA"):
-        export(str(tmp_path / "dora" / "model"), [dora], str(tmp_path / "d.gguf"), "gguf-lora")
-    huge = lora_adapter(tmp_path / "huge", b_scale=1e6)
-    with pytest.raises(QloraError, match="f16's range"):
-        export(str(tmp_path / "huge" / "model"), [huge], str(tmp_path / "h.gguf"), "gguf-lora")
+    for kind, match, setting in (("dora", "DoRA", dict(dora=True)), ("huge", "f16's range", dict(b_scale=1e6))):
+        (tmp_path / kind).mkdir()
+        model, adapter = save_tiny_adapter(tmp_path / kind, **setting)
+        with pytest.raises(QloraError, match=match):
+            export(model, [adapter], str(tmp_path / f"{kind}.gguf"), "gguf-lora")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "huge"]  # nothing written
 
 
