@@ -62,8 +62,9 @@ def run_qlora(steps: int, warmup: int, dtype: str, checkpointing: bool = False, 
     from qlora import hf
     from qlora.memory import return_freed_memory
     from qlora.nn import fused
+    from qlora.nn.checkpointing import enable_gradient_checkpointing
     from qlora.optim import build_optimizer
-    from qlora.train import enable_gradient_checkpointing, loss_sum
+    from qlora.train import loss_sum
 
     return_freed_memory()  # as `qlora train` does before loading
     model, _ = hf.load(model_dir(), compute_dtype=dtype, lora=dict(r=R, alpha=ALPHA, dropout=0.05))

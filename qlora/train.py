@@ -5,7 +5,6 @@ log, evaluate, checkpoint). No callbacks: to change the loop, change the loop.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from .data import preference
 from .errors import QloraError
 from .metrics import peak_rss_mb
 from .nn import fused, lora_init
+from .nn.checkpointing import enable_gradient_checkpointing
 from .nn.lora import keep_reference
 from .nn.surgery import add_lora
 from .objectives import loss_sum
@@ -60,9 +60,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, rows: tuple[list[dict], 
     shard = distributed.layer_sharder(device) if cfg.shard_base else None  # FSDP2 per layer (refuses one process)
     sources = _read_sources(cfg, rows)  # errors name file:line before the model loads
     resume_from = checkpoint.find_resume(cfg.output_dir, cfg.resume) if cfg.resume else None
-    requested = cfg.compute_dtype
-    cfg.compute_dtype = resolve_compute_dtype(cfg, device, resume_from)  # concrete from here on: checkpoints record it
-    cfg.saved_activations = resolve_saved_activations(cfg, requested, resume_from)
+    resolve_arithmetic(cfg, device, resume_from)  # concrete from here on: checkpoints record them
     if cfg.reference_adapter:  # DPO from a given adapter: its LoRA settings are the run's (estimate, checkpoints)
         vars(cfg).update(adapters.reference_settings(cfg.reference_adapter, cfg.quant, vars(cfg)))
     if model is None:
@@ -115,47 +113,28 @@ def _read_sources(cfg: TrainConfig, given: tuple[list[dict], str] | None) -> lis
     return [(data.parse_sources(cfg.data)[0], *given)]
 
 
-def resolve_compute_dtype(cfg: TrainConfig, device, ckpt: Path | None = None) -> str:
-    """cfg.compute_dtype made concrete. 'auto' is the machine's choice (qlora.precision), except on
-    resume, where it is the dtype the checkpoint `ckpt` was trained in: a resumed run keeps its arithmetic."""
-    saved = checkpoint.read_state(ckpt).get("config", {}).get("compute_dtype") if ckpt else None
-    if cfg.compute_dtype == "auto" and saved in precision.NAMES:
-        print(f"compute dtype: {saved} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
-        return saved
-    return precision.resolve(cfg.compute_dtype, device)
-
-
-def resolve_saved_activations(cfg: TrainConfig, requested: str, ckpt: Path | None = None) -> str:
-    """cfg.saved_activations made concrete (precision.resolve_saved; for a compute dtype asked for as
-    `requested`), said when auto narrows them. On resume, 'auto' is what the checkpoint `ckpt` kept."""
-    saved = checkpoint.read_state(ckpt).get("config", {}).get("saved_activations") if ckpt else None
-    if cfg.saved_activations == "auto" and saved not in (None, "auto"):
-        return saved
+def resolve_arithmetic(cfg: TrainConfig, device, ckpt: Path | None = None) -> None:
+    """cfg.compute_dtype and cfg.saved_activations made concrete (checkpoints record them). 'auto' is
+    the machine's choice (qlora.precision; saved activations: precision.resolve_saved), except on
+    resume, where it is what the checkpoint `ckpt` ran with: a resumed run keeps its arithmetic."""
+    kept = checkpoint.read_state(ckpt).get("config", {}) if ckpt else {}
+    requested = cfg.compute_dtype
+    if requested == "auto" and kept.get("compute_dtype") in precision.NAMES:
+        cfg.compute_dtype = kept["compute_dtype"]
+        print(f"compute dtype: {cfg.compute_dtype} (auto: as the checkpoint {ckpt.name} was trained)", file=sys.stderr)
+    else:
+        cfg.compute_dtype = precision.resolve(requested, device)
+    if cfg.saved_activations == "auto" and kept.get("saved_activations") not in (None, "auto"):
+        cfg.saved_activations = kept["saved_activations"]
+        return
     choice = precision.resolve_saved(cfg.saved_activations, requested, cfg.compute_dtype)
     if cfg.saved_activations == "auto" and choice != "compute":
         print(f"saved activations: {choice} (auto: with {cfg.compute_dtype} compute, backward reads {choice} copies of "
               "the norm inputs, gate and up; --saved-activations compute keeps them exact)", file=sys.stderr)
-    return choice
+    cfg.saved_activations = choice
 
 
 # ---- loss ----
-
-
-# Attention's outputs are kept under gradient checkpointing (1.2 MB per SmolLM2 layer at 4 x 256
-# tokens, plus a logsumexp): recomputing them took 5% of a step; everything else is recomputed.
-_KEEP_UNDER_CHECKPOINTING = tuple(getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name))
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward (transformers' per-layer checkpoint,
-    non-reentrant), except attention's outputs (_KEEP_UNDER_CHECKPOINTING)."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    keep = functools.partial(create_selective_checkpoint_contexts, list(_KEEP_UNDER_CHECKPOINTING))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": keep})
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -274,9 +274,9 @@ def _flash_calls_and_grads(model, batch):
 
 
 def test_gradient_checkpointing_keeps_attention_and_matches(tiny_llama):
-    """train.enable_gradient_checkpointing recomputes each layer in backward but not its attention
+    """nn.checkpointing.enable_gradient_checkpointing recomputes each layer in backward but not its attention
     (kept: one flash call per layer, not two), and changes neither the loss nor the gradients."""
-    from qlora.train import enable_gradient_checkpointing
+    from qlora.nn.checkpointing import enable_gradient_checkpointing
 
     torch.manual_seed(0)
     model, _ = hf.load(tiny_llama, lora=dict(r=8, alpha=16, dropout=0.1))

@@ -19,7 +19,8 @@ def register(sub) -> None:
         "llama.cpp's --lora (ollama's ADAPTER) over a GGUF of the same base (--output-dir FILE.gguf).",
     )
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
-    add_model_args(p, adapter_help="PEFT-format adapter directory to merge (repeatable; exactly one for --format peft / gguf-lora)",
+    add_model_args(p, adapter_help="PEFT-format adapter directory to merge "
+                   "(repeatable; exactly one for --format peft / gguf-lora)",
                    dtype_default="bfloat16",
                    dtype_help="bnb: compute dtype and dtype of the unquantized tensors (default: bfloat16)")
     p.add_argument("--quantize", choices=BNB_QUANT_TYPES, default=None,

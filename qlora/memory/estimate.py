@@ -309,7 +309,7 @@ def _fused(arch: Arch) -> bool:
 
 def _activations(arch: Arch, s: Settings) -> tuple[int, int]:
     """(without, with) gradient checkpointing. With it, each block keeps its input and, with SDPA,
-    attention's output and logsumexp (train.enable_gradient_checkpointing), and one block is
+    attention's output and logsumexp (nn.checkpointing.enable_gradient_checkpointing), and one block is
     recomputed at a time during backward."""
     tokens = s.batch_size * s.seq_len
     per_token, fixed = layer_activation_bytes(arch, s)

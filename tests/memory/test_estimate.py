@@ -14,6 +14,7 @@ from qlora.memory import (
 )
 from qlora.memory.estimate import LOSS_CHUNK_TOKENS
 from qlora.nn import fused, linear4bit
+from qlora.nn.checkpointing import enable_gradient_checkpointing
 from qlora.nn.surgery import add_lora, linear_names, quantize_model
 from tiny import ARCHS, tiny_model
 
@@ -167,7 +168,7 @@ def _peak_of_step(gradient_checkpointing: bool, lora_dtype: str = "float32",
     if saved != "compute":
         fused.keep_saved_in(model, getattr(torch, saved))
     if gradient_checkpointing:
-        train.enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     model.train()
     ids = torch.randint(0, 4000, (4, 128))
     mask = torch.ones_like(ids)
