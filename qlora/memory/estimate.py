@@ -296,10 +296,11 @@ def layer_activation_bytes(arch: Arch, s: Settings) -> tuple[int, int]:
 
 def _scratch(arch: Arch, s: Settings, specs: list[LinearSpec]) -> int:
     """The 4-bit LoRA layers' kept scratch buffers (nn.linear4bit.scratch): the dropped input of the
-    widest adapted layer, and (fused MLP with an adapted down projection) SwiGLU's product."""
+    widest adapted layer, and (fused MLP with an adapted down projection) SwiGLU's product and, from
+    backward, its gradient."""
     tokens = s.batch_size * s.seq_len
     dropped = max(x.in_features for x in specs) if specs and s.lora_dropout > 0 else 0
-    gated = arch.intermediate if _fused(arch) and any(x.name.endswith("down_proj") for x in specs) else 0
+    gated = 2 * arch.intermediate if _fused(arch) and any(x.name.endswith("down_proj") for x in specs) else 0
     return (dropped + gated) * tokens * s.c
 
 

@@ -48,7 +48,7 @@ def _rows(b) -> list[tuple[str, int, str]]:
     ]
     if quant:
         rows.append(("dequantized weight", b.dequant_workspace,
-                     f"largest linear in {s['compute_dtype']}, x2; LoRA dropout and SwiGLU buffers"))
+                     f"largest linear in {s['compute_dtype']}, x2; LoRA dropout, SwiGLU product and gradient buffers"))
     rows.append(("framework overhead", b.framework_overhead, f"python + torch + transformers ({s['device']})"))
     return rows
 

@@ -139,16 +139,19 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = 
     return torch.mul(F.silu(g), u, out=out) if out is not None else F.silu(g) * u
 
 
-def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dg, dL/du) of silu(g) * u, as autograd through silu and mul forms them:
-    du = dh s, ds = dh u, dg = ds sig (1 + g (1 - sig))."""
+    du = dh s, ds = dh u, dg = ds sig (1 + g (1 - sig)). Into `out` = (dg, du) if given (contiguous,
+    like g), which may be g and u themselves: every element is read before it is overwritten."""
     dh = dh.contiguous()
     k = _kernels(dh, g, u)
     if k is not None:
-        return k.train.swiglu_backward(dh, g, u)
+        return k.train.swiglu_backward(dh, g, u, out)
     sig = torch.sigmoid(g.float())
     ds = (dh * u).float()
-    return (ds * sig * (1 + g.float() * (1 - sig))).to(g.dtype), dh * F.silu(g)
+    dg, du = (ds * sig * (1 + g.float() * (1 - sig))).to(g.dtype), dh * F.silu(g)
+    return (dg, du) if out is None else (out[0].copy_(dg), out[1].copy_(du))
 
 
 class _SwiGLU(torch.autograd.Function):

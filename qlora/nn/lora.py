@@ -141,16 +141,20 @@ def _lora4bit_forward(x2, a, b, layer: Linear4bit, scaling: float, p: float, see
     return y.addmm_(xa, b.t(), alpha=scaling), xa
 
 
-def _lora4bit_backward(g, x2, xa, a, b, layer: Linear4bit, s: float, p: float, seed: int, need):
-    """(dL/dx2, dL/dA, dL/dB) from g = dL/dy (T, out); `need`: which of the three to form."""
+def _lora4bit_backward(g, x2, xa, a, b, layer: Linear4bit, s: float, p: float, seed: int, need, out=None):
+    """(dL/dx2, dL/dA, dL/dB) from g = dL/dy (T, out); `need`: which of the three to form; dL/dx2
+    into `out` (T, in) if given."""
     gxa = torch.mm(g, b) * s  # (T, r): dL/d(xa)
     grad_b = torch.mm(g.t(), xa).mul_(s) if need[2] else None  # (out, r)
     grad_a = torch.mm(gxa.t(), _dropped(x2, p, seed)) if need[1] else None
     grad_x = None
     if need[0]:
-        lora_gx = torch.mm(gxa, a)  # (T, in), through the dropout mask
-        lora_gx = seeded.apply(lora_gx, p, seed, out=lora_gx) if p > 0 else lora_gx  # a fresh product: in place
-        grad_x = torch.addmm(lora_gx, g, layer.transient_weight(g.dtype))
+        grad_x = torch.mm(gxa, a) if out is None else torch.mm(gxa, a, out=out)  # LoRA's term, (T, in)
+        if p > 0:  # through the dropout mask, in place (a fresh product)
+            seeded.apply(grad_x, p, seed, out=grad_x)
+        # then the base's term added in place, as addmm(LoRA's term, g, W) would, without its copy of
+        # (T, in): above glibc's mmap threshold (fp32 down_proj: 6 MB) each copy was fresh pages
+        grad_x.addmm_(g, layer.transient_weight(g.dtype))
     return grad_x, grad_a, grad_b
 
 
@@ -210,13 +214,15 @@ class _GatedLoRA4bit(torch.autograd.Function):
         gate, up, xa, lora_a, lora_b = ctx.saved_tensors
         g, u = gate.to(ctx.dtype).contiguous(), up.to(ctx.dtype).contiguous()
         h = fused.swiglu_forward(g, u, out=scratch(g.shape, g.dtype, g.device, "swiglu"))
+        h2 = h.view(-1, h.shape[-1])
         need = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
         grad_h, grad_a, grad_b = _lora4bit_backward(
-            grad_y.reshape(-1, grad_y.shape[-1]), h.view(-1, h.shape[-1]), xa, lora_a.to(h.dtype),
-            lora_b.to(h.dtype), ctx.layer, ctx.scaling, ctx.p, ctx.seed, need)
+            grad_y.reshape(-1, grad_y.shape[-1]), h2, xa, lora_a.to(h.dtype), lora_b.to(h.dtype), ctx.layer,
+            ctx.scaling, ctx.p, ctx.seed, need, out=scratch(h2.shape, h.dtype, h.device, "grad_h"))
         grad_gate = grad_up = None
-        if grad_h is not None:
-            grad_gate, grad_up = fused.swiglu_backward(grad_h.view(h.shape), g, u)
+        if grad_h is not None:  # into g and u where they are this backward's own copies (bf16 kept)
+            own = g.data_ptr() != gate.data_ptr() and u.data_ptr() != up.data_ptr()
+            grad_gate, grad_up = fused.swiglu_backward(grad_h.view(h.shape), g, u, out=(g, u) if own else None)
         return (grad_gate, grad_up, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None)
 

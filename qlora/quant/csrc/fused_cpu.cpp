@@ -105,19 +105,20 @@ template <int D> void swiglu_forward_range_v16(const void* g, const void* u, voi
   }
 }
 
-// du = rnd(dh * s), ds = rnd(dh * u), dg = rnd(ds * sig * (1 + g * (1 - sig))), sig = 1 / (1 + exp(-g))
+// du = rnd(dh * s), ds = rnd(dh * u), dg = rnd(ds * sig * (1 + g * (1 - sig))), sig = 1 / (1 + exp(-g)).
+// Every input element is read before its outputs are written: dg and du may be g and u (in place).
 template <int D>
 void swiglu_backward_range_v16(const void* dh, const void* g, const void* u, void* dg, void* du, int64_t lo,
                                int64_t hi) {
   const v16::F16 one = v16::set1(1.0f);
   for (int64_t i = lo; i < hi; i += 16) {
     const int64_t n = hi - i;
-    const v16::F16 x = v16::load_upto<D>(g, i, n), d = v16::load_upto<D>(dh, i, n);
+    const v16::F16 x = v16::load_upto<D>(g, i, n), d = v16::load_upto<D>(dh, i, n), up = v16::load_upto<D>(u, i, n);
     const v16::F16 den = v16::add(one, v16::exp(v16::sub(v16::zero(), x)));
     const v16::F16 sig = v16::div(one, den);
     const v16::F16 s = rnd<D>(v16::mul(x, sig));  // x / den up to one fp32 rounding
     v16::store_upto<D>(du, i, v16::mul(d, s), n);
-    const v16::F16 ds = rnd<D>(v16::mul(d, v16::load_upto<D>(u, i, n)));
+    const v16::F16 ds = rnd<D>(v16::mul(d, up));
     const v16::F16 t = v16::add(one, v16::mul(x, v16::sub(one, sig)));
     v16::store_upto<D>(dg, i, v16::mul(v16::mul(ds, sig), t), n);
   }
@@ -189,20 +190,20 @@ void swiglu_backward_range_512(const uint16_t* dh, const uint16_t* g, const uint
   int64_t i = lo;
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= hi; i += 16) {
-    const __m512 x = load_bf16_16(g + i), d = load_bf16_16(dh + i);
+    const __m512 x = load_bf16_16(g + i), d = load_bf16_16(dh + i), up = load_bf16_16(u + i);
     const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
     const __m512 sig = _mm512_div_ps(one, den);
     const __m512 s = round_bf16_16(_mm512_mul_ps(x, sig));  // x / den up to one fp32 rounding
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(du + i), to_bf16_16(_mm512_mul_ps(d, s)));
-    const __m512 ds = round_bf16_16(_mm512_mul_ps(d, load_bf16_16(u + i)));
+    const __m512 ds = round_bf16_16(_mm512_mul_ps(d, up));
     const __m512 t = _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, sig)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dg + i), to_bf16_16(_mm512_mul_ps(_mm512_mul_ps(ds, sig), t)));
   }
   for (; i < hi; ++i) {
-    const float x = bf(g[i]), d = bf(dh[i]), den = 1.0f + std::exp(-x);
+    const float x = bf(g[i]), d = bf(dh[i]), up = bf(u[i]), den = 1.0f + std::exp(-x);
     const float s = bf(to_bf(x / den)), sig = 1.0f / den;
     du[i] = to_bf(d * s);
-    const float ds = bf(to_bf(d * bf(u[i])));
+    const float ds = bf(to_bf(d * up));
     dg[i] = to_bf(ds * sig * (1.0f + x * (1.0f - sig)));
   }
 }

@@ -46,8 +46,9 @@ class TrainingOps:
                                        torch.get_num_threads())
         return h
 
-    def swiglu_backward(self, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
-        dg, du = torch.empty_like(g), torch.empty_like(u)
+    def swiglu_backward(self, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out=None):
+        """(dg, du), into `out` = (dg, du) if given (contiguous, like g; may be g and u themselves)."""
+        dg, du = (torch.empty_like(g), torch.empty_like(u)) if out is None else out
         self._lib.qlora_swiglu_backward(dh.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(),
                                         g.numel(), _DTYPE_CODES[g.dtype], torch.get_num_threads())
         return dg, du
