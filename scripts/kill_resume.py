@@ -58,9 +58,26 @@ def _newest(out: Path) -> str:
     return done[-1] if done else ""
 
 
+def _logged(out: Path) -> int:
+    """Lines the run has logged so far (one per step: --logging-steps 1)."""
+    path = out / "metrics.jsonl"
+    return path.read_text(encoding="utf-8").count("\n") if path.exists() else 0
+
+
+def _random_moment(proc, out: Path, rng: random.Random) -> float:
+    """A deadline at a random moment within about the next two steps, in this run's own step time
+    (waits for one more logged step to measure it): a fixed span of seconds would let a fast machine
+    finish the run before the remaining kills."""
+    n, t0 = _logged(out), time.monotonic()
+    while proc.poll() is None and _logged(out) <= n:
+        time.sleep(0.0005)
+    return time.monotonic() + rng.uniform(0.0, 2.0) * (time.monotonic() - t0)
+
+
 def run_with_kills(cmd_for, out: Path, kills: int, rng: random.Random, log) -> dict:
     """Kill the run `kills` times, each after it has completed one new checkpoint, alternately the
-    instant its next checkpoint write starts and at a random later moment; resume each time."""
+    instant its next checkpoint write starts and at a random moment within the next steps; resume
+    each time."""
     counts = {"kills": 0, "during_checkpoint_write": 0, "resumes": 0}
     resume = False
     while True:
@@ -71,7 +88,7 @@ def run_with_kills(cmd_for, out: Path, kills: int, rng: random.Random, log) -> d
             writing = lambda: any((out / "checkpoints").glob(f".tmp-step-*-{proc.pid}"))  # noqa: E731
             while proc.poll() is None and _newest(out) <= start:  # progress first: one new checkpoint
                 time.sleep(0.002)
-            deadline = time.monotonic() + (120 if aim_at_write else rng.uniform(0.0, 3.0))
+            deadline = time.monotonic() + 120 if aim_at_write else _random_moment(proc, out, rng)
             while proc.poll() is None and time.monotonic() < deadline and not (aim_at_write and writing()):
                 time.sleep(0.0005)
             if proc.poll() is None:
