@@ -113,24 +113,6 @@ def test_fp32_kernels_match_torch_ops(k):
     torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("reference", [False, True])
-def test_swiglu_backward_in_place_equals_fresh_outputs(k, dtype, reference, monkeypatch):
-    """out=(g, u): the gradients overwrite gate and up (the gated MLP's own copies in backward) with the
-    same bits as fresh outputs; 1000 elements: 62 x 16 lanes and a tail, over two threads' chunks."""
-    if reference:
-        monkeypatch.setattr(fused, "_kernels", lambda *t: None)
-    else:
-        monkeypatch.setattr(fused, "_kernels", lambda *t: k)
-    g = torch.Generator().manual_seed(6)
-    gate, up, dh = ((torch.randn(1000, generator=g) * 3).to(dtype) for _ in range(3))
-    dg, du = fused.swiglu_backward(dh, gate, up)
-    a, b = gate.clone(), up.clone()
-    dg2, du2 = fused.swiglu_backward(dh, a, b, out=(a, b))
-    assert dg2.data_ptr() == a.data_ptr() and du2.data_ptr() == b.data_ptr()
-    assert torch.equal(dg2, dg) and torch.equal(du2, du)
-
-
 @pytest.mark.parametrize("reference", [False, True])
 @pytest.mark.parametrize("n", [1536 * 20, 1000])
 def test_swiglu_matches_silu_times_up(reference, n, monkeypatch):
@@ -303,33 +285,6 @@ def test_mlp_kept_in_bf16_rounds_gate_and_up_only(adapted):
     assert seen == [torch.bfloat16, torch.bfloat16]  # gate and up, nothing else of that shape
     assert all(torch.equal(a, b) for a, b in zip(kept, rounded))
     assert torch.equal(kept[0], default[0]) and not torch.equal(kept[1], default[1])
-
-
-@pytest.mark.parametrize("saved", [torch.bfloat16, None])
-def test_gated_mlp_backward_twice_gives_the_same_gradients(saved):
-    """Backward writes the gate/up gradients into its own fp32 copies of kept bf16 tensors, never into
-    what autograd keeps (fp32 gate and up themselves when nothing is kept in bf16): a second backward
-    of the same graph (retain_graph) sees them unchanged."""
-    from qlora.nn import Linear4bit, LoRALinear
-
-    g = torch.Generator().manual_seed(8)
-
-    def linear(i, o):
-        return LoRALinear(Linear4bit.from_linear(torch.nn.Linear(i, o, bias=False), compute_dtype=torch.float32),
-                          r=4, dropout=0.0)
-
-    mlp = fused.GatedMLP(linear(32, 48), linear(32, 48), linear(48, 32)).train()
-    for m in mlp.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B.weight, 0, 0.1, generator=g)
-    fused.keep_saved_in(mlp, saved)
-    x, dy = torch.randn(2, 24, 32, generator=g).requires_grad_(), torch.randn(2, 24, 32, generator=g)
-    params = [p for p in mlp.parameters() if p.requires_grad]  # the LoRA factors
-    y = mlp(x)
-    first = torch.autograd.grad(y, (x, *params), dy, retain_graph=True)
-    second = torch.autograd.grad(y, (x, *params), dy)
-    assert len(first) == 7 and all(torch.equal(a, b) for a, b in zip(first, second))
-    assert first[0].abs().sum() > 0
 
 
 # ---- 4-bit LoRA layers reading a norm's output keep the norm's input instead (norm_source) ----
