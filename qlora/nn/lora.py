@@ -149,7 +149,7 @@ def _lora4bit_backward(g, x2, xa, a, b, layer: Linear4bit, s: float, p: float, s
     grad_a = torch.mm(gxa.t(), _dropped(x2, p, seed)) if need[1] else None
     grad_x = None
     if need[0]:
-        grad_x = torch.mm(gxa, a) if out is None else torch.mm(gxa, a, out=out)  # LoRA's term, (T, in)
+        grad_x = torch.mm(gxa, a, out=out)  # LoRA's term, (T, in): fresh, or in `out`
         if p > 0:  # through the dropout mask, in place (a fresh product)
             seeded.apply(grad_x, p, seed, out=grad_x)
         # then the base's term added in place, as addmm(LoRA's term, g, W) would, without its copy of
